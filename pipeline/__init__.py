@@ -1,0 +1,3 @@
+"""sdxl-batch: distributed batch image generation with distilled SDXL models on Ray Data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""One builder turns the config and the manifest plan into the Ray Data graph:
+
+    read (tasks) → generate (actor pool, GPUs) → encode (CPU tasks) → write parts (tasks)
+
+Encoding runs in its own CPU stage so that the GPU actors hand off raw pixels and go straight
+back to denoising; the writer batches rows into commit units (`write.rows_per_part`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from pipeline.models.presets import get_preset
+from pipeline.settings import SettingDefaults
+from pipeline.stages import EncodeImages, GenerateImages, ReadManifest, WriteParts
+from pipeline.writer import ModelInfo
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipeline.config import JobConfig
+    from pipeline.manifest import Fragment
+
+# Light stages reserve fractions of a CPU so that, on a small machine, they run beside the
+# generator actors instead of queueing behind them.
+READ_CPUS = 0.25
+ENCODE_CPUS = 0.5
+WRITE_CPUS = 0.25
+
+
+def model_info(config: JobConfig) -> ModelInfo:
+    preset = get_preset(config.model.preset)
+    scheduler = preset.scheduler
+    if preset.scheduler_config:
+        scheduler += "(" + ", ".join(f"{k}={v}" for k, v in sorted(preset.scheduler_config.items())) + ")"
+    return ModelInfo(model=preset.name, scheduler=scheduler)
+
+
+def build_dataset(config: JobConfig, fragments: list[Fragment]) -> ray.data.Dataset:
+    import ray.data
+
+    defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
+    resources = config.resources
+    items = [asdict(f) for f in fragments]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    dataset = dataset.map_batches(
+        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
+    )
+    dataset = dataset.map_batches(
+        GenerateImages,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.generation.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        num_gpus=resources.gpus_per_actor,
+        num_cpus=resources.cpus_per_actor,
+    )
+    dataset = dataset.map_batches(
+        EncodeImages(config), batch_size=config.generation.batch_size, batch_format="pyarrow", num_cpus=ENCODE_CPUS
+    )
+    return dataset.map_batches(
+        WriteParts(config, model_info(config)),
+        batch_size=config.write.rows_per_part,
+        batch_format="pyarrow",
+        num_cpus=WRITE_CPUS,
+    )

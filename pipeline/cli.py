@@ -1,0 +1,81 @@
+"""The `sdxl-batch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pipeline import __version__
+from pipeline.errors import SdxlBatchError
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML job config (see configs/demo.yaml)")
+    parser.add_argument("--manifest", help="override the config's manifest URI")
+    parser.add_argument("--output", help="override the config's output URI")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set generation.batch_size=8 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdxl-batch", description="Distributed batch image generation with SDXL models on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="render a manifest (embedded local Ray, or the cluster named by RAY_ADDRESS)",
+        description="Render every row of a manifest into the output prefix.",
+    )
+    _add_job_arguments(run)
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pipeline.config import load_config
+
+    return load_config(args.config, manifest=args.manifest, output=args.output, overrides=args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_job
+
+    config = _load(args)
+    result = run_job(config, ray_address=os.environ.get("RAY_ADDRESS") or None, progress=not args.no_progress)
+    print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
+    for name, location in result.locations().items():
+        print(f"  {name:<9}{location}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except SdxlBatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed parts are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Errors a user can act on: each says what was wrong, where, and what to do.
+
+The CLI prints these without a traceback and exits non-zero; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class SdxlBatchError(Exception):
+    """Base class of every error caused by the user's input or environment."""
+
+
+class ConfigError(SdxlBatchError):
+    """The YAML config or a command-line override is invalid."""
+
+
+class ManifestError(SdxlBatchError):
+    """The manifest is missing, unreadable or has bad columns or rows."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None, column: str | None = None):
+        where = ", ".join(
+            part
+            for part in (
+                f"file {file}" if file else "",
+                f"row {row}" if row is not None else "",
+                f"column {column!r}" if column else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file, self.row, self.column = file, row, column
+
+
+class StorageError(SdxlBatchError):
+    """A location cannot be read or written (missing bucket, no credentials, permission denied)."""
+
+
+class ModelError(SdxlBatchError):
+    """A model preset or its weights cannot be resolved or loaded."""

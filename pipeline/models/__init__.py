@@ -1,0 +1,1 @@
+"""Model presets, weight resolution and the generator wrapper around diffusers."""

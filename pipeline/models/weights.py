@@ -1,0 +1,130 @@
+"""Resolving where weights come from: hub ids and files, local folders and files, object stores.
+
+Object-store sources are copied once per node into a local cache. A file lock plus a completion
+marker written last means that N actors starting together on one node download once, and that a
+copy interrupted half-way is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ModelError
+from pipeline.io import filesystem, is_remote
+from pipeline.models.presets import TINY
+
+if TYPE_CHECKING:
+    from pipeline.config import StorageConfig
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_COMPLETE = ".sdxl-batch-complete"
+
+
+def default_cache_dir(configured: str | None) -> Path:
+    return Path(configured or os.path.join(os.path.expanduser("~"), ".cache", "sdxl-batch"))
+
+
+def _key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def materialize(cache_dir: Path, key: str, build: Callable[[Path], object]) -> Path:
+    """Return `cache_dir/key`, building it once per node under a file lock."""
+    from filelock import FileLock
+
+    target = cache_dir / key
+    if (target / _COMPLETE).exists():
+        return target
+    (cache_dir / "locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / "locks" / f"{key.replace('/', '_')}.lock")):
+        if (target / _COMPLETE).exists():
+            return target
+        staging = cache_dir / f".partial-{uuid.uuid4().hex}"
+        try:
+            build(staging)
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        (target / _COMPLETE).touch()
+    return target
+
+
+def _copy_remote(uri: str, storage: StorageConfig | None, destination: Path, *, single_file: bool) -> None:
+    fs, path = filesystem(uri, storage)
+    try:
+        if single_file:
+            destination.mkdir(parents=True)
+            fs.get_file(path, str(destination / os.path.basename(path)))
+        else:
+            if not fs.isdir(path):
+                raise ModelError(f"model folder not found in object storage: {uri}")
+            fs.get(path.rstrip("/") + "/", str(destination), recursive=True)
+    except ModelError:
+        raise
+    except FileNotFoundError:
+        raise ModelError(f"model weights not found in object storage: {uri}") from None
+    except Exception as error:
+        raise ModelError(f"cannot copy model weights from {uri}: {type(error).__name__}: {error}") from None
+
+
+def resolve_pipeline_source(path: str, *, storage: StorageConfig | None, cache_dir: Path) -> str:
+    """A local folder or hub id that `from_pretrained` can load, for `model.path`."""
+    if path == TINY:
+        from pipeline.models.tiny import TINY_VERSION, build_tiny_pipeline
+
+        return str(materialize(cache_dir, f"tiny-v{TINY_VERSION}", build_tiny_pipeline))
+    if is_remote(path):
+        return str(materialize(cache_dir, f"models/{_key(path)}", lambda d: _copy_remote(path, storage, d, single_file=False)))
+    local = path.removeprefix("file://")
+    if os.path.isdir(local):
+        if not os.path.exists(os.path.join(local, "model_index.json")):
+            raise ModelError(f"{local} is not a diffusers pipeline folder (no model_index.json)")
+        return local
+    if _HUB_ID.fullmatch(path) and not os.path.exists(local):
+        return path
+    raise ModelError(
+        f"model.path {path!r} is neither a local diffusers folder, an object-store URI, nor a hub id (ORG/NAME)"
+    )
+
+
+def resolve_weights_file(ref: str, *, storage: StorageConfig | None, cache_dir: Path) -> str:
+    """A local file for a weights reference: `hf://ORG/REPO/FILE`, an object-store URI or a path."""
+    if ref.startswith("hf://"):
+        parts = ref.removeprefix("hf://").split("/")
+        if len(parts) < 3:
+            raise ModelError(f"{ref!r}: expected hf://ORG/REPO/FILE")
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        return _hub_file(repo_id, filename)
+    if is_remote(ref):
+        folder = materialize(cache_dir, f"files/{_key(ref)}", lambda d: _copy_remote(ref, storage, d, single_file=True))
+        return str(folder / os.path.basename(ref.rstrip("/")))
+    local = ref.removeprefix("file://")
+    if not os.path.isfile(local):
+        raise ModelError(f"weights file not found: {local}")
+    return local
+
+
+def _hub_file(repo_id: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return str(hf_hub_download(repo_id=repo_id, filename=filename))
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"{filename} from hub repo {repo_id} is not in the local Hugging Face cache and cannot be downloaded "
+            "(offline: HF_HUB_OFFLINE is set or the hub is unreachable); pre-fetch it with "
+            f"`huggingface-cli download {repo_id} {filename}` or point the config at a local or s3:// copy"
+        ) from None
+    except (EntryNotFoundError, RepositoryNotFoundError) as error:
+        raise ModelError(f"{filename} not found in hub repo {repo_id}: {error}") from None

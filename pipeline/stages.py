@@ -1,0 +1,132 @@
+"""The Ray Data stages. Each is a small callable over a `pyarrow.Table` batch: one row in, one
+row out (except the reader, which expands a fragment into its rows, and the writer, which turns a
+part into one summary row). Each declares the columns it needs and fails naming itself and the
+missing ones, so a wiring mistake is obvious.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from pipeline.encoding import encode_batch
+from pipeline.manifest import Fragment, read_fragment
+from pipeline.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.writer import ModelInfo, PartWriter
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in batch.column_names]
+    if missing:
+        raise KeyError(f"stage {stage!r} needs columns {missing}, got {batch.column_names}")
+
+
+class ReadManifest:
+    """Fragment descriptions → manifest rows with every render setting resolved."""
+
+    needs = ("uri", "relpath", "row_group", "row_offset", "num_rows")
+
+    def __init__(self, config: JobConfig, defaults: SettingDefaults):
+        self.storage = config.storage
+        self.defaults = defaults
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("read", batch, self.needs)
+        tables = [
+            fill_settings(read_fragment(Fragment(**row), self.storage), self.defaults)
+            for row in batch.select(list(self.needs)).to_pylist()
+        ]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+class GenerateImages:
+    """The GPU stage: an actor that loads the pipeline once and renders batches of rows."""
+
+    needs = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
+
+    def __init__(self, config: JobConfig):
+        from pipeline.models.generator import ImageGenerator
+
+        _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.gpus_per_actor > 0)
+        self.generator = ImageGenerator(config.model, config.storage)
+        self.generator.load()
+        self.node, self.actor = _placement()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("generate", batch, self.needs)
+        n = batch.num_rows
+        pixels: list[bytes] = [b""] * n
+        seconds = [0.0] * n
+        prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
+        for settings, indices in group_by_settings(batch).items():
+            start = time.perf_counter()
+            images = self.generator.generate(
+                [prompts[i] for i in indices], [negatives[i] for i in indices], [seeds[i] for i in indices], settings
+            )
+            per_image = (time.perf_counter() - start) / len(indices)
+            for image, i in zip(images, indices, strict=True):
+                pixels[i], seconds[i] = image.tobytes(), per_image
+        batch = batch.append_column("pixels", pa.array(pixels, pa.large_binary()))
+        batch = batch.append_column("generation_seconds", pa.array(seconds, pa.float64()))
+        batch = batch.append_column("node", pa.array([self.node] * n, pa.string()))
+        return batch.append_column("actor", pa.array([self.actor] * n, pa.string()))
+
+
+def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
+    """On CPU the generator is the bottleneck, so by default it may use every core of its node
+    (Ray otherwise pins OMP threads to the actor's `num_cpus`). On GPU, Ray's default stands."""
+    import os
+
+    threads = requested or (None if on_gpu else os.cpu_count())
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _placement() -> tuple[str, str]:
+    import ray
+
+    context = ray.get_runtime_context()
+    actor = context.get_actor_id() or context.get_worker_id()
+    return context.get_node_id(), actor
+
+
+class EncodeImages:
+    needs = ("pixels", "width", "height")
+
+    def __init__(self, config: JobConfig):
+        self.image_format = config.generation.image_format
+        self.quality = config.generation.image_quality
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("encode", batch, self.needs)
+        return encode_batch(batch, image_format=self.image_format, quality=self.quality)
+
+
+class WriteParts:
+    """Commits a part (images, then metadata) and returns one summary row for the driver."""
+
+    needs = ("id", "image", "sha256", "bytes", "generation_seconds", "encode_seconds", "node", "actor")
+
+    def __init__(self, config: JobConfig, model: ModelInfo):
+        self.writer = PartWriter(
+            output=config.output,
+            layout=config.write.layout,
+            image_format=config.generation.image_format,
+            model=model,
+            storage=config.storage,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("write", batch, self.needs)
+        summary = self.writer.write(batch)
+        return pa.table({key: [value] for key, value in summary.items()})

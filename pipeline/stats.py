@@ -1,0 +1,51 @@
+"""Job statistics: merged from the writer's per-part summaries into `stats.json`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class JobStats:
+    """Running totals the driver updates as parts commit."""
+
+    rows: int = 0
+    parts: int = 0
+    bytes: int = 0
+    generation_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    write_seconds: float = 0.0
+    per_actor: Counter[str] = field(default_factory=Counter)
+    per_node: Counter[str] = field(default_factory=Counter)
+
+    def add_part(self, summary: dict[str, Any]) -> None:
+        self.rows += int(summary["rows"])
+        self.parts += 1
+        self.bytes += int(summary["bytes"])
+        self.generation_seconds += float(summary["generation_seconds"])
+        self.encode_seconds += float(summary["encode_seconds"])
+        self.write_seconds += float(summary["write_seconds"])
+        self.per_actor.update(json.loads(summary["actors"]))
+        self.per_node.update(json.loads(summary["nodes"]))
+
+    def to_dict(self, *, wall_seconds: float, manifest_rows: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """The `stats.json` record. Stage seconds are summed over workers (busy time, not wall time)."""
+        return {
+            "rows": self.rows,
+            "manifest_rows": manifest_rows,
+            "parts": self.parts,
+            "bytes": self.bytes,
+            "wall_seconds": round(wall_seconds, 3),
+            "images_per_second": round(self.rows / wall_seconds, 4) if wall_seconds > 0 else 0.0,
+            "stage_seconds": {
+                "generate": round(self.generation_seconds, 3),
+                "encode": round(self.encode_seconds, 3),
+                "write": round(self.write_seconds, 3),
+            },
+            "rows_per_actor": dict(self.per_actor),
+            "rows_per_node": dict(self.per_node),
+            **extra,
+        }

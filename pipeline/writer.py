@@ -1,0 +1,131 @@
+"""Writing committed parts: images first, then the metadata part that marks them done.
+
+Unit of commit: one *part* of up to `write.rows_per_part` rows. Its images (or its tar shard in
+the webdataset layout) are written first and `metadata/part-<digest>.parquet` last, atomically.
+A row is done exactly when a metadata part lists it; an image without a metadata row is an
+orphan of an interrupted part and is simply overwritten when the row is rendered again.
+
+The part name is a digest of its sorted ids, so a retried part (Ray re-running a task after a
+worker died) writes the same objects under the same names instead of a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.encoding import EXTENSIONS
+from pipeline.io import filesystem, is_remote_fs, join, write_bytes
+from pipeline.paths import image_relpath, safe_name
+
+METADATA_DIR = "metadata"
+SHARDS_DIR = "shards"
+
+# Leading metadata columns, in order; pass-through manifest columns follow.
+METADATA_COLUMNS = (
+    "id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
+    "model", "scheduler", "image_path", "tar_member", "sha256", "bytes",
+    "generation_seconds", "encode_seconds", "node", "actor",
+)  # fmt: skip
+
+
+def part_name(ids: list[str]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"part-{digest[:20]}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the metadata records about the model for every row."""
+
+    model: str
+    scheduler: str
+
+
+class PartWriter:
+    """Writes one part of encoded rows under an output prefix (local or object store)."""
+
+    def __init__(self, *, output: str, layout: str, image_format: str, model: ModelInfo, storage: Any = None):
+        self.fs, self.root = filesystem(output, storage)
+        self.layout = layout
+        self.ext = EXTENSIONS[image_format]
+        self.model = model
+
+    def write(self, batch: pa.Table) -> dict[str, Any]:
+        start = time.perf_counter()
+        ids: list[str] = batch.column("id").to_pylist()
+        name = part_name(ids)
+        images: list[bytes] = batch.column("image").to_pylist()
+        table = self._metadata(batch.drop_columns(["image"]), ids, name)
+        if self.layout == "webdataset":
+            self._write_tar(name, table, images)
+        else:
+            self._write_files(table.column("image_path").to_pylist(), images)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        write_bytes(self.fs, join(self.root, METADATA_DIR, f"{name}.parquet"), buffer.getvalue())
+        return self._summary(name, table, time.perf_counter() - start)
+
+    def _metadata(self, batch: pa.Table, ids: list[str], name: str) -> pa.Table:
+        n = batch.num_rows
+        batch = batch.append_column("model", pa.array([self.model.model] * n, pa.string()))
+        batch = batch.append_column("scheduler", pa.array([self.model.scheduler] * n, pa.string()))
+        if self.layout == "webdataset":
+            paths = [f"{SHARDS_DIR}/{name}.tar"] * n
+            members: list[str | None] = [f"{safe_name(i)}.{self.ext}" for i in ids]
+        else:
+            paths = [image_relpath(i, self.ext) for i in ids]
+            members = [None] * n
+        batch = batch.append_column("image_path", pa.array(paths, pa.string()))
+        batch = batch.append_column("tar_member", pa.array(members, pa.string()))
+        leading = [c for c in METADATA_COLUMNS if c in batch.column_names]
+        return batch.select(leading + [c for c in batch.column_names if c not in leading])
+
+    def _write_files(self, relpaths: list[str], images: list[bytes]) -> None:
+        targets = {join(self.root, rel): data for rel, data in zip(relpaths, images, strict=True)}
+        if is_remote_fs(self.fs):
+            self.fs.pipe(targets)  # s3fs uploads these concurrently
+            return
+        for path, data in targets.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as handle:
+                handle.write(data)
+
+    def _write_tar(self, name: str, table: pa.Table, images: list[bytes]) -> None:
+        buffer = io.BytesIO()
+        rows = table.to_pylist()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for row, data in zip(rows, images, strict=True):
+                stem = safe_name(row["id"])
+                sidecar = json.dumps(row, default=str, ensure_ascii=False).encode()
+                for member, payload in ((f"{stem}.{self.ext}", data), (f"{stem}.json", sidecar)):
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime = len(payload), 0
+                    tar.addfile(info, io.BytesIO(payload))
+        write_bytes(self.fs, join(self.root, SHARDS_DIR, f"{name}.tar"), buffer.getvalue())
+
+    @staticmethod
+    def _summary(name: str, table: pa.Table, write_seconds: float) -> dict[str, Any]:
+        def total(column: str) -> float:
+            return float(sum(table.column(column).to_pylist()))
+
+        return {
+            "part": name,
+            "rows": table.num_rows,
+            "bytes": int(total("bytes")),
+            "generation_seconds": total("generation_seconds"),
+            "encode_seconds": total("encode_seconds"),
+            "write_seconds": write_seconds,
+            "actors": json.dumps(Counter(table.column("actor").to_pylist())),
+            "nodes": json.dumps(Counter(table.column("node").to_pylist())),
+        }
