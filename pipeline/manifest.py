@@ -185,12 +185,12 @@ def check_rows(table: pa.Table, fragment: Fragment) -> None:
     checks.append(("prompt", pc.or_(pc.is_null(prompt), pc.equal(pc.utf8_length(prompt), 0)), "prompt is null or empty"))
     seed = table.column("seed")
     checks.append(("seed", pc.is_null(seed), "seed is null"))
-    if pa.types.is_integer(seed.type):
-        too_small = pc.less(seed, 0)
-        too_large = pc.greater_equal(pc.cast(seed, pa.float64()), float(SEED_LIMIT))
+    if pa.types.is_unsigned_integer(seed.type):
+        # Only uint64 can exceed 2**63 - 1; signed integers fit by construction.
         if pa.types.is_uint64(seed.type):
-            too_large = pc.greater_equal(seed, pa.scalar(SEED_LIMIT, pa.uint64()))
-        checks.append(("seed", pc.or_(too_small, too_large), f"seed must satisfy 0 <= seed < 2**63 ({SEED_LIMIT})"))
+            checks.append(("seed", pc.greater_equal(seed, pa.scalar(SEED_LIMIT, pa.uint64())), "seed must be < 2**63"))
+    elif pa.types.is_integer(seed.type):
+        checks.append(("seed", pc.less(seed, 0), "seed must satisfy 0 <= seed < 2**63"))
     if "id" in table.column_names:
         ids = table.column("id")
         checks.append(("id", pc.or_(pc.is_null(ids), pc.equal(pc.utf8_length(ids), 0)), "id is null or empty"))

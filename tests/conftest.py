@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.models.weights import materialize
+from pipeline.models.tiny import TINY_VERSION, build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A per-session model cache holding the tiny pipeline, built once."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    materialize(cache, f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_cache: Path) -> Path:
+    return model_cache / f"tiny-v{TINY_VERSION}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 endpoint: moto's server on loopback, spoken to over HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS variables pointing at the moto server (as a user would set them)."""
+    env = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "AKIAFAKETESTKEY00001",
+        "AWS_SECRET_ACCESS_KEY": "fake-secret-do-not-leak-0001",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def s3_bucket(s3_env: dict[str, str]) -> str:
+    import uuid
+
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    name = f"bucket-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(name)
+    return name
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Ray's token auth is the default in 2.60; keep tests self-contained on loopback.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")

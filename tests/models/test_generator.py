@@ -1,0 +1,158 @@
+"""The reproducibility contract and the real loading code, on tiny artifacts built here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import ModelError
+from pipeline.models.generator import ImageGenerator, RenderSettings
+from tests.helpers import REPO
+
+PROMPTS = ["a fish made out of dendrobium flowers", "3d isometric dungeon game", "a red car", "a dog at night"]
+SEEDS = [501798843, 3812179903, 55986344589, 7]
+SETTINGS = RenderSettings(width=128, height=128, steps=4, guidance_scale=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(model_cache: Path) -> ImageGenerator:
+    generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache)))
+    generator.load()
+    return generator
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def test_image_does_not_depend_on_batch_size(tiny_generator: ImageGenerator) -> None:
+    batched = tiny_generator.generate(PROMPTS, [None] * 4, SEEDS, SETTINGS)
+    assert batched.shape == (4, 128, 128, 3) and batched.dtype == np.uint8
+    for i in range(4):
+        single = tiny_generator.generate([PROMPTS[i]], [None], [SEEDS[i]], SETTINGS)[0]
+        assert _max_diff(single, batched[i]) <= 2
+    reordered = tiny_generator.generate(PROMPTS[::-1], [None] * 4, SEEDS[::-1], SETTINGS)
+    assert _max_diff(reordered[::-1], batched) <= 2
+    assert _max_diff(batched[0], batched[1]) > 10  # different rows really differ
+
+
+def test_plain_diffusers_call_reproduces_an_image(tiny_generator: ImageGenerator, tiny_dir: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    ours = tiny_generator.generate(PROMPTS, [None] * 4, SEEDS, SETTINGS)
+    for i in (0, 2):
+        image = pipe(
+            PROMPTS[i],
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            width=128,
+            height=128,
+            generator=torch.Generator("cpu").manual_seed(SEEDS[i]),
+        ).images[0]
+        assert _max_diff(np.asarray(image), ours[i]) <= 2
+
+
+def test_guidance_and_negative_prompts_take_effect(tiny_generator: ImageGenerator) -> None:
+    cfg = RenderSettings(width=128, height=128, steps=2, guidance_scale=3.0, negative=True)
+    with_negative = tiny_generator.generate(PROMPTS[:1], ["blurry"], SEEDS[:1], cfg)
+    other_negative = tiny_generator.generate(PROMPTS[:1], ["sharp"], SEEDS[:1], cfg)
+    assert _max_diff(with_negative, other_negative) > 0
+
+
+def _save_unet(tiny_dir: Path, target: Path, seed: int) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(tiny_dir), subfolder="unet"))
+    state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target))
+    return state
+
+
+def test_lightning_unet_from_a_local_file(tiny_dir: Path, model_cache: Path, tmp_path: Path) -> None:
+    state = _save_unet(tiny_dir, tmp_path / "sdxl_lightning_4step_unet.safetensors", seed=1)
+    generator = ImageGenerator(
+        ModelConfig(
+            preset="lightning-4step",
+            path=str(tiny_dir),
+            unet=str(tmp_path / "sdxl_lightning_4step_unet.safetensors"),
+            cache_dir=str(model_cache),
+        )
+    )
+    generator.load()
+    scheduler = generator.pipe.scheduler
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler"
+    assert scheduler.config.timestep_spacing == "trailing"
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    loaded = generator.pipe.unet.state_dict()
+    name = next(iter(state))
+    assert torch.equal(loaded[name], state[name])
+
+
+def test_unet_that_does_not_fit_is_a_clear_error(tiny_dir: Path, model_cache: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"wrong": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    generator = ImageGenerator(
+        ModelConfig(preset="lightning-4step", path=str(tiny_dir), unet=str(tmp_path / "bad.safetensors"), cache_dir=str(model_cache))
+    )
+    with pytest.raises(ModelError, match="do not fit"):
+        generator.load()
+
+
+def _fake_hub_cache(hub: Path, repo: str, files: dict[str, Path]) -> None:
+    """Lay out files as huggingface_hub's cache does (refs/main → snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = hub / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = base / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
+
+
+def test_hub_ids_resolve_offline_from_the_cache(tiny_dir: Path, tmp_path: Path) -> None:
+    """The real names (SDXL base hub id, hf://ByteDance/SDXL-Lightning/...) with HF_HUB_OFFLINE=1."""
+    hub = tmp_path / "hub"
+    _save_unet(tiny_dir, tmp_path / "unet.safetensors", seed=2)
+    _fake_hub_cache(hub, "stabilityai/stable-diffusion-xl-base-1.0", {p.name: p for p in tiny_dir.iterdir() if not p.name.startswith(".")})
+    _fake_hub_cache(hub, "ByteDance/SDXL-Lightning", {"sdxl_lightning_4step_unet.safetensors": tmp_path / "unet.safetensors"})
+    script = textwrap.dedent(
+        """
+        from pipeline.config import ModelConfig
+        from pipeline.errors import ModelError
+        from pipeline.models.generator import ImageGenerator, RenderSettings
+        g = ImageGenerator(ModelConfig(preset="lightning-4step"))
+        g.load()
+        print("shape", g.generate(["a cat"], [None], [1], RenderSettings(64, 64, 4, 0.0)).shape)
+        try:
+            ImageGenerator(ModelConfig(preset="lightning-4step",
+                unet="hf://ByteDance/SDXL-Lightning/sdxl_lightning_8step_unet.safetensors")).load()
+        except ModelError as error:
+            print("error", error)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "shape (1, 64, 64, 3)" in result.stdout
+    assert "sdxl_lightning_8step_unet.safetensors from hub repo ByteDance/SDXL-Lightning" in result.stdout
+    assert "HF_HUB_OFFLINE" in result.stdout
