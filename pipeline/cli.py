@@ -27,7 +27,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdxl-batch", description="Distributed batch image generation with SDXL models on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="sdxl-batch", description="Distributed batch image generation with SDXL models on Ray."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)

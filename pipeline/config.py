@@ -61,8 +61,12 @@ class ModelConfig(_Section):
 
 class GenerationConfig(_Section):
     batch_size: int = Field(default=4, ge=1, le=1024, description="Images per model call.")
-    width: int | None = Field(default=None, ge=8, description="Default width (rows may override); preset default when unset.")
-    height: int | None = Field(default=None, ge=8, description="Default height (rows may override); preset default when unset.")
+    width: int | None = Field(
+        default=None, ge=8, description="Default width (rows may override); preset default when unset."
+    )
+    height: int | None = Field(
+        default=None, ge=8, description="Default height (rows may override); preset default when unset."
+    )
     steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps; preset default when unset.")
     guidance_scale: float | None = Field(
         default=None, ge=0.0, le=50.0, description="Classifier-free guidance scale; preset default when unset."

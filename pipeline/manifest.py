@@ -51,15 +51,15 @@ _GLOB_CHARS = "*?["
 
 
 def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t))
 
 
 def _is_integer(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_null(t)
+    return bool(pa.types.is_integer(t) or pa.types.is_null(t))
 
 
 def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t))
 
 
 _TYPE_CHECKS = {
@@ -182,7 +182,9 @@ def check_rows(table: pa.Table, fragment: Fragment) -> None:
     """Raise a ManifestError for the first row that breaks the contract (row numbers count from 0)."""
     checks: list[tuple[str, pa.Array | pa.ChunkedArray, str]] = []
     prompt = table.column("prompt")
-    checks.append(("prompt", pc.or_(pc.is_null(prompt), pc.equal(pc.utf8_length(prompt), 0)), "prompt is null or empty"))
+    checks.append(
+        ("prompt", pc.or_(pc.is_null(prompt), pc.equal(pc.utf8_length(prompt), 0)), "prompt is null or empty")
+    )
     seed = table.column("seed")
     checks.append(("seed", pc.is_null(seed), "seed is null"))
     if pa.types.is_unsigned_integer(seed.type):
@@ -197,7 +199,9 @@ def check_rows(table: pa.Table, fragment: Fragment) -> None:
     for column, mask, message in checks:
         row = _first_bad_row(mask)
         if row is not None:
-            raise ManifestError(f"{message}; fix or remove the row", file=fragment.uri, row=fragment.row_offset + row, column=column)
+            raise ManifestError(
+                f"{message}; fix or remove the row", file=fragment.uri, row=fragment.row_offset + row, column=column
+            )
 
 
 def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> pq.ParquetFile:
@@ -227,7 +231,9 @@ def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
     return pa.table(columns, names=names)
 
 
-def read_fragment(fragment: Fragment, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_fragment(
+    fragment: Fragment, storage: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """Read, check and normalise one row group of a manifest file."""
     fs, path = filesystem(fragment.uri, storage)
     parquet = _open_parquet(fs, path, fragment.uri)
@@ -272,7 +278,13 @@ def plan_manifest(uri: str, storage: StorageConfig | None = None) -> ManifestPla
     if len(ids) == 0:
         raise ManifestError(f"manifest {uri} has no rows")
     _check_unique(ids)
-    return ManifestPlan(root=full_uri(fs, root), files=[full_uri(fs, f) for f in files], fragments=fragments, total_rows=len(ids), ids=ids)
+    return ManifestPlan(
+        root=full_uri(fs, root),
+        files=[full_uri(fs, f) for f in files],
+        fragments=fragments,
+        total_rows=len(ids),
+        ids=ids,
+    )
 
 
 def _check_unique(ids: pa.ChunkedArray) -> None:

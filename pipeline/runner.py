@@ -8,8 +8,10 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.builder import build_dataset, model_info
@@ -73,7 +75,7 @@ def _quiet_ray_data_console() -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _write_json(fs: Any, path: str, record: dict[str, Any]) -> None:
@@ -103,6 +105,7 @@ def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool
     with _progress_bar(plan.total_rows, enabled=progress) as bar:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                assert isinstance(batch, pa.Table)
                 for summary in batch.to_pylist():
                     stats.add_part(summary)
                     bar.update(int(summary["rows"]))
@@ -127,7 +130,9 @@ def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool
         },
     )
     _write_json(fs, join(root, STATS_FILE), record)
-    return JobResult(output=output, rows=stats.rows, wall_seconds=wall, images_per_second=record["images_per_second"], stats=record)
+    return JobResult(
+        output=output, rows=stats.rows, wall_seconds=wall, images_per_second=record["images_per_second"], stats=record
+    )
 
 
 def user_error(error: BaseException) -> SdxlBatchError | None:

@@ -52,7 +52,10 @@ def group_by_settings(table: pa.Table) -> dict[RenderSettings, list[int]]:
     A negative prompt only matters when classifier-free guidance runs (guidance > 1), so rows
     with and without one batch together otherwise.
     """
-    columns = {name: table.column(name).to_pylist() for name in ("width", "height", "steps", "guidance_scale", "negative_prompt")}
+    columns = {
+        name: table.column(name).to_pylist()
+        for name in ("width", "height", "steps", "guidance_scale", "negative_prompt")
+    }
     groups: dict[RenderSettings, list[int]] = {}
     for i in range(table.num_rows):
         guidance = float(columns["guidance_scale"][i])

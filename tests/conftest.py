@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.models.weights import materialize
 from pipeline.models.tiny import TINY_VERSION, build_tiny_pipeline
+from pipeline.models.weights import materialize
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,7 @@ def s3_server() -> Iterator[str]:
     """A real S3 endpoint: moto's server on loopback, spoken to over HTTP."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

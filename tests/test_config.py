@@ -40,7 +40,12 @@ def test_cli_overrides_are_typed_and_win(tmp_path: Path) -> None:
     config = load_config(
         path,
         output="s3://b/o",
-        overrides=["generation.batch_size=8", "generation.guidance_scale=1.5", "model.path=null", "write.layout=webdataset"],
+        overrides=[
+            "generation.batch_size=8",
+            "generation.guidance_scale=1.5",
+            "model.path=null",
+            "write.layout=webdataset",
+        ],
     )
     assert config.output == "s3://b/o"
     assert config.generation.batch_size == 8

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,8 +33,8 @@ def test_derived_ids_are_stable_and_unique(tmp_path: Path) -> None:
     assert ids[:5] == [f"a-{i:09d}" for i in range(5)]
     assert ids[5:] == [f"sub__a-{i:09d}" for i in range(3)]
     # Row groups carry their offsets, so the read stage derives the same ids.
-    read = [read_fragment(f).column("id").to_pylist() for f in first.fragments]
-    assert sum(read, []) == ids
+    read = [i for f in first.fragments for i in read_fragment(f).column("id").to_pylist()]
+    assert read == ids
 
 
 def test_read_fragment_normalises_schema_and_keeps_pass_through(tmp_path: Path) -> None:
@@ -43,14 +44,23 @@ def test_read_fragment_normalises_schema_and_keeps_pass_through(tmp_path: Path) 
     ]
     plan = plan_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
     table = read_fragment(plan.fragments[0])
-    assert table.column_names[:8] == ["id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale"]
+    assert table.column_names[:8] == [
+        "id",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "width",
+        "height",
+        "steps",
+        "guidance_scale",
+    ]
     assert table.schema.field("seed").type == pa.int64()
     assert table.schema.field("guidance_scale").type == pa.float64()
     assert table.column("extra").to_pylist() == [[1, 2], []]
     assert table.column("height").null_count == 2
 
 
-def _expect_error(tmp_path: Path, rows: list[dict], *, match: str, schema: pa.Schema | None = None) -> str:
+def _expect_error(tmp_path: Path, rows: list[dict[str, Any]], *, match: str, schema: pa.Schema | None = None) -> str:
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     with pytest.raises(ManifestError, match=match) as info:
@@ -78,7 +88,9 @@ def test_mistyped_column(tmp_path: Path) -> None:
         ([{"prompt": "ok", "seed": 1, "id": ""}], "id", 0),
     ],
 )
-def test_bad_rows_are_reported_with_row_and_column(tmp_path: Path, rows: list[dict], column: str, row: int) -> None:
+def test_bad_rows_are_reported_with_row_and_column(
+    tmp_path: Path, rows: list[dict[str, Any]], column: str, row: int
+) -> None:
     message = _expect_error(tmp_path, rows, match=f"row {row}, column '{column}'")
     assert "bad.parquet" in message
 

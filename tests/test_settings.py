@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from pipeline.config import GenerationConfig
@@ -8,7 +10,7 @@ from pipeline.models.presets import get_preset
 from pipeline.settings import SettingDefaults, fill_settings, group_by_settings
 
 
-def _table(rows: list[dict]) -> pa.Table:
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
     schema = pa.schema(
         [
             ("negative_prompt", pa.string()),

@@ -24,7 +24,9 @@ def main() -> None:
     rows = []
     for category, prompt, seed in ARTICLE_PROMPTS:
         for s in (seed, *EXTRA_SEEDS):
-            rows.append({"id": f"{category}-{s}", "prompt": prompt, "seed": s, "category": category, "article_seed": s == seed})
+            rows.append(
+                {"id": f"{category}-{s}", "prompt": prompt, "seed": s, "category": category, "article_seed": s == seed}
+            )
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, Path(__file__).with_name("lightning-benchmark.parquet"))
 

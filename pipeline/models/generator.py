@@ -93,7 +93,6 @@ class ImageGenerator:
         return self.preset.name
 
     def load(self) -> None:
-        import torch
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
         cache_dir = default_cache_dir(self.model.cache_dir)
@@ -117,7 +116,6 @@ class ImageGenerator:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, dtype)
-
 
     def _load_unet(self, unet_class: Any, source: str, ref: str, cache_dir: Any) -> Any:
         from safetensors.torch import load_file

@@ -48,7 +48,13 @@ def _train_tokenizer() -> tuple[dict[str, int], list[tuple[str, str]]]:
     chars = sorted(ByteLevel.alphabet())
     vocab: dict[str, int] = {}
     # Every byte with and without the end-of-word suffix, so no input maps to an unknown token.
-    for token in [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]:
+    for token in [
+        *chars,
+        *(c + "</w>" for c in chars),
+        *("".join(m) for m in merges),
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]:
         vocab.setdefault(token, len(vocab))
     return vocab, merges  # type: ignore[return-value]
 
@@ -59,7 +65,7 @@ def _components() -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab, merges = _train_tokenizer()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     text_config = CLIPTextConfig(
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
@@ -124,5 +130,5 @@ def build_tiny_pipeline(folder: str | os.PathLike[str]) -> Path:
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline(**_components())
-    pipe.save_pretrained(str(folder))
+    pipe.save_pretrained(str(folder))  # type: ignore[attr-defined]
     return Path(folder)

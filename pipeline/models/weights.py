@@ -84,7 +84,9 @@ def resolve_pipeline_source(path: str, *, storage: StorageConfig | None, cache_d
 
         return str(materialize(cache_dir, f"tiny-v{TINY_VERSION}", build_tiny_pipeline))
     if is_remote(path):
-        return str(materialize(cache_dir, f"models/{_key(path)}", lambda d: _copy_remote(path, storage, d, single_file=False)))
+        return str(
+            materialize(cache_dir, f"models/{_key(path)}", lambda d: _copy_remote(path, storage, d, single_file=False))
+        )
     local = path.removeprefix("file://")
     if os.path.isdir(local):
         if not os.path.exists(os.path.join(local, "model_index.json")):

@@ -108,7 +108,12 @@ def test_unet_that_does_not_fit_is_a_clear_error(tiny_dir: Path, model_cache: Pa
 
     save_file({"wrong": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
     generator = ImageGenerator(
-        ModelConfig(preset="lightning-4step", path=str(tiny_dir), unet=str(tmp_path / "bad.safetensors"), cache_dir=str(model_cache))
+        ModelConfig(
+            preset="lightning-4step",
+            path=str(tiny_dir),
+            unet=str(tmp_path / "bad.safetensors"),
+            cache_dir=str(model_cache),
+        )
     )
     with pytest.raises(ModelError, match="do not fit"):
         generator.load()
@@ -133,8 +138,14 @@ def test_hub_ids_resolve_offline_from_the_cache(tiny_dir: Path, tmp_path: Path) 
     """The real names (SDXL base hub id, hf://ByteDance/SDXL-Lightning/...) with HF_HUB_OFFLINE=1."""
     hub = tmp_path / "hub"
     _save_unet(tiny_dir, tmp_path / "unet.safetensors", seed=2)
-    _fake_hub_cache(hub, "stabilityai/stable-diffusion-xl-base-1.0", {p.name: p for p in tiny_dir.iterdir() if not p.name.startswith(".")})
-    _fake_hub_cache(hub, "ByteDance/SDXL-Lightning", {"sdxl_lightning_4step_unet.safetensors": tmp_path / "unet.safetensors"})
+    _fake_hub_cache(
+        hub,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        {p.name: p for p in tiny_dir.iterdir() if not p.name.startswith(".")},
+    )
+    _fake_hub_cache(
+        hub, "ByteDance/SDXL-Lightning", {"sdxl_lightning_4step_unet.safetensors": tmp_path / "unet.safetensors"}
+    )
     script = textwrap.dedent(
         """
         from pipeline.config import ModelConfig
@@ -151,7 +162,9 @@ def test_hub_ids_resolve_offline_from_the_cache(tiny_dir: Path, tmp_path: Path) 
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path / "hf-home")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "shape (1, 64, 64, 3)" in result.stdout
     assert "sdxl_lightning_8step_unet.safetensors from hub repo ByteDance/SDXL-Lightning" in result.stdout

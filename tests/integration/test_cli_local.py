@@ -1,0 +1,89 @@
+"""`sdxl-batch run` end to end on local disk: a real embedded Ray, the tiny model, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import prompt_rows, read_metadata, run_cli, write_config, write_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path: Path, model_cache: Path, manifest: Path, output: Path, **generation: object) -> Path:
+    return write_config(
+        tmp_path / "job.yaml",
+        manifest=str(manifest),
+        output=str(output),
+        model={"preset": "tiny", "cache_dir": str(model_cache)},
+        generation={"batch_size": 4, **generation},
+        write={"rows_per_part": 5},
+        resources={"actors": 1},
+    )
+
+
+def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
+    rows = prompt_rows(10)
+    rows[3]["width"], rows[3]["height"] = 64, 96  # a per-row size, batched on its own
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    result = run_cli("run", str(_config(tmp_path, model_cache, manifest, output)), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "Rendered 10 images" in result.stdout and str(output / "stats.json") in result.stdout
+
+    table = read_metadata(str(output))
+    assert sorted(table.column("id").to_pylist()) == [r["id"] for r in rows]
+    for row in table.to_pylist():
+        data = (output / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["bytes"]
+        image = Image.open(output / row["image_path"])
+        assert image.size == (row["width"], row["height"])
+        assert row["note"] == "n" + str(int(row["id"].split("-")[1]))  # pass-through column
+        assert row["model"] == "tiny" and row["steps"] == 4 and row["guidance_scale"] == 0.0
+        assert row["generation_seconds"] > 0 and row["node"] and row["actor"]
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["rows"] == 10 and stats["images_per_second"] > 0 and stats["wall_seconds"] > 0
+    assert set(stats["stage_seconds"]) == {"generate", "encode", "write"}
+    job = json.loads((output / "job.json").read_text())
+    assert job["manifest_rows"] == 10
+
+
+def test_batch_size_does_not_change_images(tmp_path: Path, model_cache: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(4))
+    images = {}
+    for batch_size in (1, 4):
+        output = tmp_path / f"out-{batch_size}"
+        config = _config(tmp_path, model_cache, manifest, output)
+        result = run_cli("run", str(config), "--no-progress", "--set", f"generation.batch_size={batch_size}")
+        assert result.returncode == 0, result.stderr
+        images[batch_size] = {
+            row["id"]: np.asarray(Image.open(output / row["image_path"])).astype(np.int16)
+            for row in read_metadata(str(output)).to_pylist()
+        }
+    assert images[1].keys() == images[4].keys()
+    for row_id in images[1]:
+        assert np.abs(images[1][row_id] - images[4][row_id]).max() <= 2
+
+
+def test_malformed_manifest_fails_before_rendering(tmp_path: Path, model_cache: Path) -> None:
+    rows = prompt_rows(3)
+    rows[2]["prompt"] = None
+    manifest = write_manifest(tmp_path / "bad.parquet", rows)
+    output = tmp_path / "out"
+    result = run_cli("run", str(_config(tmp_path, model_cache, manifest, output)), "--no-progress")
+    assert result.returncode == 2
+    assert "bad.parquet" in result.stderr and "row 2" in result.stderr and "'prompt'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (output / "metadata").exists() and not (output / "stats.json").exists()
+
+
+def test_unknown_config_key_fails_clearly(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", manifest="m.parquet", output="o", resources={"actor": 2})
+    result = run_cli("run", str(config))
+    assert result.returncode == 2
+    assert "resources.actor: unknown key" in result.stderr and "Traceback" not in result.stderr
