@@ -1,7 +1,7 @@
 """Pipeline overhead: the same N tiny-model images through a bare diffusers loop and through
 `sdxl-batch run`, in one run, start-up included on both sides.
 
-    .venv/bin/python benchmarks/overhead.py [--rows 1000] [--batch-size 4]
+    .venv/bin/python benchmarks/overhead.py [--rows 1500] [--batch-size 4]
 
 The bare loop is what a user would write by hand: load the pipeline, call it per batch with one
 seeded CPU generator per row, save each PIL image as PNG. `sdxl-batch run` is timed as a user
@@ -61,7 +61,7 @@ def pipeline_run(config: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
