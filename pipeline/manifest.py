@@ -14,6 +14,8 @@ each row group (a `Fragment`) in full.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -204,13 +206,28 @@ def check_rows(table: pa.Table, fragment: Fragment) -> None:
             )
 
 
-def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> pq.ParquetFile:
+@contextmanager
+def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile]:
+    """Open a Parquet file for reading, closing it after use (manifests may have thousands)."""
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        handle = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise ManifestError("file disappeared while reading; rerun the job", file=uri) from None
+    with handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ManifestError(f"not a readable Parquet file ({error}); re-export it", file=uri) from None
+        yield parquet
+
+
+def _read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
+    try:
+        table = parquet.read_row_group(fragment.row_group, columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise ManifestError("file disappeared while reading; rerun the job", file=uri) from None
-        raise ManifestError(f"not a readable Parquet file ({error}); re-export it", file=uri) from None
+        raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
+    check_rows(table, fragment)
+    return table
 
 
 def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
@@ -231,18 +248,11 @@ def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
     return pa.table(columns, names=names)
 
 
-def read_fragment(
-    fragment: Fragment, storage: StorageConfig | None = None, columns: list[str] | None = None
-) -> pa.Table:
+def read_fragment(fragment: Fragment, storage: StorageConfig | None = None) -> pa.Table:
     """Read, check and normalise one row group of a manifest file."""
     fs, path = filesystem(fragment.uri, storage)
-    parquet = _open_parquet(fs, path, fragment.uri)
-    try:
-        table = parquet.read_row_group(fragment.row_group, columns=columns)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
-    check_rows(table, fragment)
-    return table if columns is not None else normalize(table, fragment)
+    with _open_parquet(fs, path, fragment.uri) as parquet:
+        return normalize(_read_row_group(parquet, fragment), fragment)
 
 
 def plan_manifest(uri: str, storage: StorageConfig | None = None) -> ManifestPlan:
@@ -256,24 +266,20 @@ def plan_manifest(uri: str, storage: StorageConfig | None = None) -> ManifestPla
     id_chunks: list[pa.Array] = []
     for path in files:
         file_uri = full_uri(fs, path)
-        parquet = _open_parquet(fs, path, file_uri)
-        check_schema(parquet.schema_arrow, file_uri)
-        key_columns = [c for c in ("id", "prompt", "seed") if c in parquet.schema_arrow.names]
         relpath = posixpath.relpath(path, root)
-        offset = 0
-        for index in range(parquet.metadata.num_row_groups):
-            num_rows = parquet.metadata.row_group(index).num_rows
-            fragment = Fragment(file_uri, relpath, index, offset, num_rows)
-            try:
-                table = parquet.read_row_group(index, columns=key_columns)
-            except (pa.ArrowInvalid, OSError) as error:
-                raise ManifestError(f"row group {index} is corrupt ({error})", file=file_uri) from None
-            check_rows(table, fragment)
-            ids = table.column("id") if "id" in table.column_names else derive_ids(relpath, offset, num_rows)
-            id_chunks.extend(pc.cast(ids, pa.string()).chunks if isinstance(ids, pa.ChunkedArray) else [ids])
-            if num_rows:
-                fragments.append(fragment)
-            offset += num_rows
+        with _open_parquet(fs, path, file_uri) as parquet:
+            check_schema(parquet.schema_arrow, file_uri)
+            key_columns = [c for c in ("id", "prompt", "seed") if c in parquet.schema_arrow.names]
+            offset = 0
+            for index in range(parquet.metadata.num_row_groups):
+                num_rows = parquet.metadata.row_group(index).num_rows
+                fragment = Fragment(file_uri, relpath, index, offset, num_rows)
+                table = _read_row_group(parquet, fragment, key_columns)
+                ids = table.column("id") if "id" in table.column_names else derive_ids(relpath, offset, num_rows)
+                id_chunks.extend(pc.cast(ids, pa.string()).chunks if isinstance(ids, pa.ChunkedArray) else [ids])
+                if num_rows:
+                    fragments.append(fragment)
+                offset += num_rows
     ids = pa.chunked_array(id_chunks, pa.string())
     if len(ids) == 0:
         raise ManifestError(f"manifest {uri} has no rows")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,13 +47,23 @@ class JobResult:
 
 
 def init_ray(address: str | None) -> None:
-    """Join the cluster at `address`, or start an embedded local Ray when it is None."""
+    """Join the cluster at `address` (`auto`: the one `ray start` runs on this machine), or start
+    an embedded local Ray when it is None.
+
+    The embedded Ray serves this process alone, so it listens on loopback only: Ray otherwise
+    binds its node to the machine's network address. (Ray reads this switch, named for its
+    macOS/Windows single-node mode, when it is imported.)
+    """
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
     ray.init(
-        address=address,
+        # "local" always starts a new instance; None would attach to whatever cluster `ray start`
+        # last recorded on this machine (even a dead one), which is not what the user asked for.
+        address=address or "local",
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,
@@ -81,7 +92,7 @@ def _now() -> str:
 def _write_json(fs: Any, path: str, record: dict[str, Any]) -> None:
     try:
         write_bytes(fs, path, json.dumps(record, indent=2, default=str).encode())
-    except (OSError, PermissionError) as error:
+    except OSError as error:
         raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from None
 
 
@@ -115,14 +126,15 @@ def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool
                 raise cause from None
             raise
     wall = time.perf_counter() - start
+    model = model_info(config)
     record = stats.to_dict(
         wall_seconds=wall,
         manifest_rows=plan.total_rows,
         extra={
             "layout": config.write.layout,
             "image_format": config.generation.image_format,
-            "model": model_info(config).model,
-            "scheduler": model_info(config).scheduler,
+            "model": model.model,
+            "scheduler": model.scheduler,
             "batch_size": config.generation.batch_size,
             "actors": config.resources.actors,
             "started_at": started_at,

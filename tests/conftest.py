@@ -65,5 +65,7 @@ def s3_bucket(s3_env: dict[str, str]) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Ray's token auth is the default in 2.60; keep tests self-contained on loopback.
+    # Ray 2.60 authenticates with a token; every Ray the tests start (embedded by the CLI or with
+    # `ray start`) listens on loopback only.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -82,16 +82,15 @@ def _save_unet(tiny_dir: Path, target: Path, seed: int) -> dict[str, torch.Tenso
     return state
 
 
+def _lightning_on_tiny(tiny_dir: Path, model_cache: Path, unet: Path) -> ImageGenerator:
+    return ImageGenerator(
+        ModelConfig(preset="lightning-4step", path=str(tiny_dir), unet=str(unet), cache_dir=str(model_cache))
+    )
+
+
 def test_lightning_unet_from_a_local_file(tiny_dir: Path, model_cache: Path, tmp_path: Path) -> None:
     state = _save_unet(tiny_dir, tmp_path / "sdxl_lightning_4step_unet.safetensors", seed=1)
-    generator = ImageGenerator(
-        ModelConfig(
-            preset="lightning-4step",
-            path=str(tiny_dir),
-            unet=str(tmp_path / "sdxl_lightning_4step_unet.safetensors"),
-            cache_dir=str(model_cache),
-        )
-    )
+    generator = _lightning_on_tiny(tiny_dir, model_cache, tmp_path / "sdxl_lightning_4step_unet.safetensors")
     generator.load()
     scheduler = generator.pipe.scheduler
     assert type(scheduler).__name__ == "EulerDiscreteScheduler"
@@ -107,14 +106,7 @@ def test_unet_that_does_not_fit_is_a_clear_error(tiny_dir: Path, model_cache: Pa
     from safetensors.torch import save_file
 
     save_file({"wrong": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
-    generator = ImageGenerator(
-        ModelConfig(
-            preset="lightning-4step",
-            path=str(tiny_dir),
-            unet=str(tmp_path / "bad.safetensors"),
-            cache_dir=str(model_cache),
-        )
-    )
+    generator = _lightning_on_tiny(tiny_dir, model_cache, tmp_path / "bad.safetensors")
     with pytest.raises(ModelError, match="do not fit"):
         generator.load()
 

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ManifestError
+from pipeline.runner import user_error
+
+
+def test_user_errors_are_found_inside_ray_wrappers() -> None:
+    cause = ManifestError("bad row", file="m.parquet", row=3, column="prompt")
+
+    class RayTaskErrorLike(Exception):
+        def __init__(self) -> None:
+            super().__init__("task failed")
+            self.cause = cause
+
+    try:
+        try:
+            raise RayTaskErrorLike()
+        except RayTaskErrorLike as inner:
+            raise RuntimeError("dataset execution failed") from inner
+    except RuntimeError as outer:
+        assert user_error(outer) is cause
+    assert user_error(RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6379", "auto"])
+def test_embedded_ray_never_attaches_to_a_stale_cluster(address: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from pipeline import runner
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runner, "_quiet_ray_data_console", lambda: None)
+    runner.init_ray(address)
+    assert calls[0]["address"] == (address or "local")
