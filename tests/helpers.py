@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "pipeline.cli"]
+# The console script the package installs next to this interpreter, exactly as users run it.
+CLI = [str(Path(sys.executable).with_name("sdxl-batch"))]
 
 
 def write_manifest(path: Path, rows: list[dict[str, Any]], **kwargs: Any) -> Path:
