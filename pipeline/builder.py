@@ -31,11 +31,13 @@ WRITE_CPUS = 0.25
 
 
 def model_info(config: JobConfig) -> ModelInfo:
+    """What every metadata row records about the model: preset, scheduler and its config, weights."""
     preset = get_preset(config.model.preset)
-    scheduler = preset.scheduler
-    if preset.scheduler_config:
-        scheduler += "(" + ", ".join(f"{k}={v}" for k, v in sorted(preset.scheduler_config.items())) + ")"
-    return ModelInfo(model=preset.name, scheduler=scheduler)
+    model = config.model
+    weights = [model.path or preset.base]
+    weights += [ref for ref in (model.unet or preset.unet, model.lora or preset.lora, model.vae) if ref]
+    weights += [f"{lora.path}@{lora.weight:g}" for lora in model.loras]
+    return ModelInfo(model=preset.name, scheduler=preset.scheduler_label(), weights=" + ".join(weights))
 
 
 def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:

@@ -25,6 +25,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraConfig(_Section):
+    path: str = Field(description="LoRA weights: `hf://ORG/REPO/FILE`, a local .safetensors file or an s3:// URI.")
+    weight: float = Field(default=1.0, ge=-4.0, le=4.0, description="Adapter weight (scale) of this LoRA.")
+
+
 class ModelConfig(_Section):
     preset: str = Field(
         default="tiny",
@@ -43,6 +48,26 @@ class ModelConfig(_Section):
             "UNet weights replacing the base pipeline's: `hf://ORG/REPO/FILE.safetensors`, a local "
             ".safetensors file or an object-store URI. Defaults to the preset's own (if any)."
         ),
+    )
+    lora: str | None = Field(
+        default=None,
+        description="Replaces the preset's acceleration LoRA (e.g. a local or s3:// mirror of the same file).",
+    )
+    loras: list[LoraConfig] = Field(
+        default_factory=list,
+        description="Extra (style) LoRAs stacked on top, each with its weight, as in the LCM-LoRA article.",
+    )
+    fuse_loras: bool = Field(
+        default=True,
+        description="Fuse LoRAs into the weights at load, so steady-state cost equals the full model's.",
+    )
+    vae: str | None = Field(
+        default=None,
+        description="VAE replacing the pipeline's: hub id, local folder or object-store URI of an AutoencoderKL.",
+    )
+    fp16_fix_vae: bool = Field(
+        default=True,
+        description="In float16, use madebyollin/sdxl-vae-fp16-fix (SDXL's VAE overflows in fp16) unless `vae` is set.",
     )
     variant: str | None = Field(
         default=None,

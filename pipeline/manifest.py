@@ -38,6 +38,8 @@ OPTIONAL_COLUMNS = ("id", "negative_prompt", "width", "height", "steps", "guidan
 RESERVED_COLUMNS = (
     "model",
     "scheduler",
+    "weights",
+    "peak_memory_mb",
     "image_path",
     "sha256",
     "bytes",

@@ -19,6 +19,8 @@ from pipeline.builder import build_dataset, model_info
 from pipeline.errors import SdxlBatchError, StorageError
 from pipeline.io import filesystem, full_uri, join, write_bytes
 from pipeline.manifest import plan_manifest
+from pipeline.models.presets import check_job_settings, get_preset
+from pipeline.settings import SettingDefaults
 from pipeline.stats import JobStats
 from pipeline.writer import METADATA_DIR
 
@@ -100,6 +102,9 @@ def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool
     """Render every row of the manifest into the output; returns where the results are."""
     start = time.perf_counter()
     started_at = _now()
+    preset = get_preset(config.model.preset)
+    defaults = SettingDefaults.from_config(config.generation, preset)
+    check_job_settings(preset, steps=defaults.steps, guidance_scale=defaults.guidance_scale)
     plan = plan_manifest(config.manifest, config.storage)
     fs, root = filesystem(config.output, config.storage)
     output = full_uri(fs, root)

@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from pipeline.encoding import encode_batch
 from pipeline.manifest import Fragment, read_fragment
-from pipeline.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.models.presets import get_preset
+from pipeline.settings import SettingDefaults, check_row_settings, fill_settings, group_by_settings
 from pipeline.writer import ModelInfo, PartWriter
 
 if TYPE_CHECKING:
@@ -37,13 +38,16 @@ class ReadManifest:
     def __init__(self, config: JobConfig, defaults: SettingDefaults):
         self.storage = config.storage
         self.defaults = defaults
+        self.preset = get_preset(config.model.preset)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("read", batch, self.needs)
-        tables = [
-            fill_settings(read_fragment(Fragment(**row), self.storage), self.defaults)
-            for row in batch.select(list(self.needs)).to_pylist()
-        ]
+        tables = []
+        for row in batch.select(list(self.needs)).to_pylist():
+            fragment = Fragment(**row)
+            table = fill_settings(read_fragment(fragment, self.storage), self.defaults)
+            check_row_settings(table, self.preset, fragment.uri, fragment.row_offset)
+            tables.append(table)
         return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -76,6 +80,7 @@ class GenerateImages:
                 pixels[i], seconds[i] = image.tobytes(), per_image
         batch = batch.append_column("pixels", pa.array(pixels, pa.large_binary()))
         batch = batch.append_column("generation_seconds", pa.array(seconds, pa.float64()))
+        batch = batch.append_column("peak_memory_mb", pa.array([self.generator.peak_memory_mb()] * n, pa.float64()))
         batch = batch.append_column("node", pa.array([self.node] * n, pa.string()))
         return batch.append_column("actor", pa.array([self.actor] * n, pa.string()))
 
@@ -115,7 +120,17 @@ class EncodeImages:
 class WriteParts:
     """Commits a part (images, then metadata) and returns one summary row for the driver."""
 
-    needs = ("id", "image", "sha256", "bytes", "generation_seconds", "encode_seconds", "node", "actor")
+    needs = (
+        "id",
+        "image",
+        "sha256",
+        "bytes",
+        "generation_seconds",
+        "encode_seconds",
+        "peak_memory_mb",
+        "node",
+        "actor",
+    )
 
     def __init__(self, config: JobConfig, model: ModelInfo):
         self.writer = PartWriter(

@@ -18,6 +18,7 @@ class JobStats:
     generation_seconds: float = 0.0
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
     per_actor: Counter[str] = field(default_factory=Counter)
     per_node: Counter[str] = field(default_factory=Counter)
 
@@ -28,6 +29,7 @@ class JobStats:
         self.generation_seconds += float(summary["generation_seconds"])
         self.encode_seconds += float(summary["encode_seconds"])
         self.write_seconds += float(summary["write_seconds"])
+        self.peak_memory_mb = max(self.peak_memory_mb, float(summary["peak_memory_mb"]))
         self.per_actor.update(json.loads(summary["actors"]))
         self.per_node.update(json.loads(summary["nodes"]))
 
@@ -45,6 +47,8 @@ class JobStats:
                 "encode": round(self.encode_seconds, 3),
                 "write": round(self.write_seconds, 3),
             },
+            "seconds_per_image": round(self.generation_seconds / self.rows, 4) if self.rows else 0.0,
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
             "rows_per_actor": dict(self.per_actor),
             "rows_per_node": dict(self.per_node),
             **extra,

@@ -34,8 +34,8 @@ SHARDS_DIR = "shards"
 # Leading metadata columns, in order; pass-through manifest columns follow.
 METADATA_COLUMNS = (
     "id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
-    "model", "scheduler", "image_path", "tar_member", "sha256", "bytes",
-    "generation_seconds", "encode_seconds", "node", "actor",
+    "model", "scheduler", "weights", "image_path", "tar_member", "sha256", "bytes",
+    "generation_seconds", "encode_seconds", "peak_memory_mb", "node", "actor",
 )  # fmt: skip
 
 
@@ -50,6 +50,7 @@ class ModelInfo:
 
     model: str
     scheduler: str
+    weights: str = ""
 
 
 class PartWriter:
@@ -80,6 +81,7 @@ class PartWriter:
         n = batch.num_rows
         batch = batch.append_column("model", pa.array([self.model.model] * n, pa.string()))
         batch = batch.append_column("scheduler", pa.array([self.model.scheduler] * n, pa.string()))
+        batch = batch.append_column("weights", pa.array([self.model.weights] * n, pa.string()))
         if self.layout == "webdataset":
             paths = [f"{SHARDS_DIR}/{name}.tar"] * n
             members: list[str | None] = [f"{safe_name(i)}.{self.ext}" for i in ids]
@@ -126,6 +128,7 @@ class PartWriter:
             "generation_seconds": total("generation_seconds"),
             "encode_seconds": total("encode_seconds"),
             "write_seconds": write_seconds,
+            "peak_memory_mb": float(max(table.column("peak_memory_mb").to_pylist(), default=0.0)),
             "actors": json.dumps(Counter(table.column("actor").to_pylist())),
             "nodes": json.dumps(Counter(table.column("node").to_pylist())),
         }

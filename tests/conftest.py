@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.models.tiny import TINY_VERSION, build_tiny_pipeline
+from pipeline.models.tiny import TINY_VERSION, build_tiny_hub, build_tiny_pipeline
 from pipeline.models.weights import materialize
 
 
@@ -64,8 +66,29 @@ def s3_bucket(s3_env: dict[str, str]) -> str:
     return name
 
 
+_TINY_HUB = Path(tempfile.mkdtemp(prefix="sdxl-batch-tiny-hub-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hub() -> Path:
+    """A Hugging Face cache holding tiny stand-ins under every preset's real repo and file names.
+
+    The whole suite runs with HF_HUB_CACHE pointing here and HF_HUB_OFFLINE=1: nothing is
+    downloaded, and the real names resolve through huggingface_hub's own cache lookup."""
+    if not (_TINY_HUB / "models--ByteDance--SDXL-Lightning").exists():
+        build_tiny_hub(_TINY_HUB)
+    return _TINY_HUB
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # Before anything imports huggingface_hub, which reads these once.
+    os.environ["HF_HUB_CACHE"] = str(_TINY_HUB)
+    os.environ["HF_HUB_OFFLINE"] = "1"
     # Ray 2.60 authenticates with a token; every Ray the tests start (embedded by the CLI or with
     # `ray start`) listens on loopback only.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_TINY_HUB, ignore_errors=True)

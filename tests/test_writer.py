@@ -32,6 +32,7 @@ def _encoded_batch(ids: list[str]) -> pa.Table:
             "bytes": [len(b) for b in images],
             "generation_seconds": [0.5] * n,
             "encode_seconds": [0.1] * n,
+            "peak_memory_mb": [100.0] * n,
             "node": ["node-1"] * n,
             "actor": ["actor-1"] * n,
         }

@@ -9,12 +9,20 @@ plain diffusers call with `generator=torch.Generator("cpu").manual_seed(seed)` r
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ModelError
-from pipeline.models.presets import Preset, get_preset
-from pipeline.models.weights import default_cache_dir, resolve_pipeline_source, resolve_weights_file
+from pipeline.models.presets import FP16_FIX_VAE, Preset, get_preset
+from pipeline.models.weights import (
+    default_cache_dir,
+    is_file_ref,
+    load_state_dict_file,
+    resolve_folder,
+    resolve_pipeline_source,
+    resolve_weights_file,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,46 +95,121 @@ class ImageGenerator:
         self.preset = get_preset(model.preset)
         self.pipe: Any = None
         self.device = "cpu"
+        self.dtype: Any = None
+        self.cache_dir = default_cache_dir(model.cache_dir)
 
     @property
     def model_name(self) -> str:
         return self.preset.name
 
     def load(self) -> None:
-        from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import StableDiffusionXLPipeline
 
-        cache_dir = default_cache_dir(self.model.cache_dir)
+        self.cache_dir = default_cache_dir(self.model.cache_dir)
         self.device = choose_device(self.model.device)
-        dtype = choose_dtype(self.model.dtype, self.device)
-        source = resolve_pipeline_source(self.model.path or self.preset.base, storage=self.storage, cache_dir=cache_dir)
+        self.dtype = choose_dtype(self.model.dtype, self.device)
         _quiet_libraries()
-        kwargs: dict[str, Any] = {"dtype": dtype}
+        source = resolve_pipeline_source(
+            self.model.path or self.preset.base, storage=self.storage, cache_dir=self.cache_dir
+        )
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.model.variant:
             kwargs["variant"] = self.model.variant
-        unet_ref = self.model.unet or self.preset.unet
         try:
+            unet_ref = self.model.unet or self.preset.unet
             if unet_ref:
-                kwargs["unet"] = self._load_unet(UNet2DConditionModel, source, unet_ref, cache_dir).to(dtype)
+                kwargs["unet"] = self._load_unet(source, unet_ref)
+            vae_ref = self.vae_ref()
+            if vae_ref:
+                kwargs["vae"] = self._load_vae(vae_ref)
             pipe = StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
         except ModelError:
             raise
         except OSError as error:
-            raise ModelError(f"cannot load the pipeline from {source!r}: {error}") from None
+            raise ModelError(
+                f"cannot load the pipeline from {source!r}: {error} (with HF_HUB_OFFLINE set, only weights already "
+                "in the Hugging Face cache are available)"
+            ) from None
         pipe.scheduler = make_scheduler(self.preset, pipe.scheduler)
+        self._apply_loras(pipe)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, dtype)
+        logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, self.dtype)
 
-    def _load_unet(self, unet_class: Any, source: str, ref: str, cache_dir: Any) -> Any:
-        from safetensors.torch import load_file
+    def vae_ref(self) -> str | None:
+        """The VAE to load instead of the pipeline's own, if any.
 
-        unet = unet_class.from_config(unet_class.load_config(source, subfolder="unet"))
-        path = resolve_weights_file(ref, storage=self.storage, cache_dir=cache_dir)
+        SDXL's VAE overflows to NaN (black images) in float16; the fp16-fix VAE was finetuned to
+        keep activations in range, so float16 runs use it unless told otherwise.
+        """
+        import torch
+
+        if self.model.vae:
+            return self.model.vae
+        if self.dtype == torch.float16 and self.model.fp16_fix_vae and self.preset.fp16_fix_vae:
+            return FP16_FIX_VAE
+        return None
+
+    def _load_unet(self, source: str, ref: str) -> Any:
+        from diffusers import UNet2DConditionModel
+
+        if not is_file_ref(ref):
+            folder = resolve_folder(ref, storage=self.storage, cache_dir=self.cache_dir, marker="config.json")
+            return UNet2DConditionModel.from_pretrained(folder, dtype=self.dtype)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
+        path = resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir)
         try:
-            unet.load_state_dict(load_file(path))
+            unet.load_state_dict(load_state_dict_file(path))
         except RuntimeError as error:
             raise ModelError(f"UNet weights {ref} do not fit the base pipeline's UNet: {str(error)[:500]}") from None
-        return unet
+        return unet.to(self.dtype)
+
+    def _load_vae(self, ref: str) -> Any:
+        from diffusers import AutoencoderKL
+
+        folder = resolve_folder(ref, storage=self.storage, cache_dir=self.cache_dir, marker="config.json")
+        return AutoencoderKL.from_pretrained(folder, dtype=self.dtype)
+
+    def lora_refs(self) -> list[tuple[str, str, float]]:
+        """(adapter name, weights reference, weight) of the acceleration LoRA and any style LoRAs."""
+        adapters = []
+        acceleration = self.model.lora or self.preset.lora
+        if acceleration:
+            adapters.append(("acceleration", acceleration, 1.0))
+        adapters.extend((f"style_{i}", lora.path, lora.weight) for i, lora in enumerate(self.model.loras))
+        return adapters
+
+    def _apply_loras(self, pipe: Any) -> None:
+        """Load LoRAs through peft and, by default, fuse them into the base weights.
+
+        Unfused, every LoRA-wrapped layer runs two extra small matmuls per call; fusing folds
+        W + scale * B @ A into W once at load, and unloading the adapters afterwards removes the
+        wrappers, so a LoRA preset then costs exactly what the full model costs per image.
+        """
+        adapters = self.lora_refs()
+        if not adapters:
+            return
+        for name, ref, _ in adapters:
+            path = resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir)
+            try:
+                pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as error:
+                raise ModelError(f"LoRA {ref} does not fit this pipeline: {str(error)[:500]}") from None
+        names = [name for name, _, _ in adapters]
+        pipe.set_adapters(names, adapter_weights=[weight for _, _, weight in adapters])
+        if self.model.fuse_loras:
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pipe.unload_lora_weights()
+
+    def peak_memory_mb(self) -> float:
+        """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
+        import torch
+
+        if self.device == "cuda":
+            return float(torch.cuda.max_memory_allocated()) / 2**20
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024  # Linux reports KiB
 
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], settings: RenderSettings
@@ -148,6 +231,7 @@ class ImageGenerator:
                 height=settings.height,
                 generator=generators,
                 output_type="pt",
+                **self.preset.call_kwargs,
             ).images
             # Quantise on the device: the copy back moves 4x fewer bytes than float32.
             pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -132,3 +132,110 @@ def build_tiny_pipeline(folder: str | os.PathLike[str]) -> Path:
     pipe = StableDiffusionXLPipeline(**_components())
     pipe.save_pretrained(str(folder))  # type: ignore[attr-defined]
     return Path(folder)
+
+
+# --- A Hugging Face cache of tiny stand-ins, under the real repo ids and file names ----------
+#
+# With HF_HUB_CACHE pointing at it and HF_HUB_OFFLINE=1, every preset resolves its real names
+# (`ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors`, ...) through the same code
+# as in production, but loads random-weight miniatures: for the tests and the demo's comparison.
+
+_SNAPSHOT = "0000000000000000000000000000000000000000"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# Strong enough that a LoRA visibly changes a tiny image, small enough to stay numerically tame.
+LORA_B_SCALE = 1.0
+
+
+def _snapshot(hub: Path, repo_id: str) -> Path:
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(_SNAPSHOT)
+    folder = repo / "snapshots" / _SNAPSHOT
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def tiny_unet(base: Path, *, seed: int, **overrides: Any) -> Any:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = {**UNet2DConditionModel.load_config(str(base), subfolder="unet"), **overrides}
+    return UNet2DConditionModel.from_config(config)
+
+
+def save_tiny_lora(base: Path, folder: Path, weight_name: str, *, seed: int, rank: int = 4) -> Path:
+    """A LoRA made with peft on the tiny UNet, saved in diffusers' LoRA format as the repos ship it."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_unet(base, seed=0)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.mul_(LORA_B_SCALE)
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=get_peft_model_state_dict(unet), weight_name=weight_name
+    )
+    return folder / weight_name
+
+
+def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
+    """Populate a Hugging Face cache folder with tiny artifacts for every preset's real names."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models.presets import FP16_FIX_VAE, SDXL_BASE, SDXL_TURBO
+
+    hub = Path(hub)
+    base = _snapshot(hub, SDXL_BASE)
+    if not (base / "model_index.json").exists():
+        build_tiny_pipeline(base)
+    turbo = _snapshot(hub, SDXL_TURBO)
+    shutil.copytree(base, turbo, dirs_exist_ok=True)
+    scheduler_config = json.loads((turbo / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config.update(_class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing")
+    (turbo / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
+    index = json.loads((turbo / "model_index.json").read_text())  # as stabilityai/sdxl-turbo declares it
+    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
+    (turbo / "model_index.json").write_text(json.dumps(index))
+
+    lightning = _snapshot(hub, "ByteDance/SDXL-Lightning")
+    for seed, steps in enumerate((1, 2, 4, 8), start=10):
+        name = f"sdxl_lightning_{steps}step_unet{'_x0' if steps == 1 else ''}.safetensors"
+        save_file(
+            {k: v.contiguous() for k, v in tiny_unet(base, seed=seed).state_dict().items()}, str(lightning / name)
+        )
+        if steps > 1:
+            save_tiny_lora(base, lightning, f"sdxl_lightning_{steps}step_lora.safetensors", seed=seed)
+    hyper = _snapshot(hub, "ByteDance/Hyper-SD")
+    for seed, name in enumerate(
+        ("Hyper-SDXL-1step-lora", "Hyper-SDXL-2steps-lora", "Hyper-SDXL-4steps-lora", "Hyper-SDXL-8steps-lora"),
+        start=20,
+    ):
+        save_tiny_lora(base, hyper, f"{name}.safetensors", seed=seed)
+    save_tiny_lora(
+        base, _snapshot(hub, "latent-consistency/lcm-lora-sdxl"), "pytorch_lora_weights.safetensors", seed=30
+    )
+    save_tiny_lora(base, _snapshot(hub, "h1t/TCD-SDXL-LoRA"), "pytorch_lora_weights.safetensors", seed=31)
+    # LCM-SDXL's UNet takes the guidance scale as an embedding (time_cond_proj_dim).
+    tiny_unet(base, seed=32, time_cond_proj_dim=32).save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")))
+    torch.save(tiny_unet(base, seed=33).state_dict(), _snapshot(hub, "tianweiy/DMD2") / "dmd2_sdxl_4step_unet_fp16.bin")
+    from diffusers import AutoencoderKL
+
+    vae_folder = _snapshot(hub, FP16_FIX_VAE)
+    torch.manual_seed(34)
+    AutoencoderKL.from_config(AutoencoderKL.load_config(str(base), subfolder="vae")).save_pretrained(str(vae_folder))
+    return hub
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_tiny_hub(sys.argv[1] if len(sys.argv) > 1 else ".cache/tiny-hub"))

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ModelError
 from pipeline.io import filesystem, is_remote
@@ -77,26 +77,54 @@ def _copy_remote(uri: str, storage: StorageConfig | None, destination: Path, *, 
         raise ModelError(f"cannot copy model weights from {uri}: {type(error).__name__}: {error}") from None
 
 
+def resolve_folder(ref: str, *, storage: StorageConfig | None, cache_dir: Path, marker: str) -> str:
+    """A local folder or hub id that diffusers' `from_pretrained` can load.
+
+    `ref` is a hub id (`ORG/NAME` or `hf://ORG/NAME`), a local folder holding `marker`, or an
+    object-store URI of such a folder (copied once per node into the cache).
+    """
+    if ref.startswith("hf://"):
+        return ref.removeprefix("hf://").strip("/")
+    if is_remote(ref):
+        copy = materialize(cache_dir, f"models/{_key(ref)}", lambda d: _copy_remote(ref, storage, d, single_file=False))
+        return str(copy)
+    local = ref.removeprefix("file://")
+    if os.path.isdir(local):
+        if not os.path.exists(os.path.join(local, marker)):
+            raise ModelError(f"{local} is not a diffusers folder of the expected kind (no {marker})")
+        return local
+    if _HUB_ID.fullmatch(ref) and not os.path.exists(local):
+        return ref
+    raise ModelError(f"{ref!r} is neither a local diffusers folder, an object-store URI, nor a hub id (ORG/NAME)")
+
+
 def resolve_pipeline_source(path: str, *, storage: StorageConfig | None, cache_dir: Path) -> str:
     """A local folder or hub id that `from_pretrained` can load, for `model.path`."""
     if path == TINY:
         from pipeline.models.tiny import TINY_VERSION, build_tiny_pipeline
 
         return str(materialize(cache_dir, f"tiny-v{TINY_VERSION}", build_tiny_pipeline))
-    if is_remote(path):
-        return str(
-            materialize(cache_dir, f"models/{_key(path)}", lambda d: _copy_remote(path, storage, d, single_file=False))
-        )
-    local = path.removeprefix("file://")
-    if os.path.isdir(local):
-        if not os.path.exists(os.path.join(local, "model_index.json")):
-            raise ModelError(f"{local} is not a diffusers pipeline folder (no model_index.json)")
-        return local
-    if _HUB_ID.fullmatch(path) and not os.path.exists(local):
-        return path
-    raise ModelError(
-        f"model.path {path!r} is neither a local diffusers folder, an object-store URI, nor a hub id (ORG/NAME)"
-    )
+    return resolve_folder(path, storage=storage, cache_dir=cache_dir, marker="model_index.json")
+
+
+def is_file_ref(ref: str) -> bool:
+    """Whether a weights reference names one file (a checkpoint) rather than a diffusers folder."""
+    return ref.rstrip("/").endswith((".safetensors", ".bin", ".pt", ".pth"))
+
+
+def load_state_dict_file(path: str) -> dict[str, Any]:
+    """Tensors of a checkpoint file. `.bin` files (DMD2 ships one) load with `weights_only=True`,
+    which refuses pickled code: a checkpoint can carry tensors, never programs."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path))
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    return state
 
 
 def resolve_weights_file(ref: str, *, storage: StorageConfig | None, cache_dir: Path) -> str:
