@@ -12,8 +12,11 @@ from pipeline import __version__
 from pipeline.errors import SdxlBatchError
 
 
-def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML job config (see configs/demo.yaml)")
+def _add_job_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    if config_required:
+        parser.add_argument("config", help="YAML job config (see configs/demo.yaml)")
+    else:
+        parser.add_argument("config", nargs="?", help="YAML job config (optional: defaults plus the flags)")
     parser.add_argument("--manifest", help="override the config's manifest URI")
     parser.add_argument("--output", help="override the config's output URI")
     parser.add_argument(
@@ -40,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    commands.add_parser("models", help="list the model presets", description="The model presets and what they pin.")
+    compare = commands.add_parser(
+        "compare",
+        help="render a manifest with several presets and write side-by-side grids",
+        description="Every prompt x seed of the manifest rendered with each preset; one grid per prompt.",
+    )
+    compare.add_argument("--presets", required=True, help="comma-separated preset names, e.g. lightning-4step,turbo")
+    _add_job_arguments(compare, config_required=False)
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -60,7 +72,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.models.presets import PRESETS
+
+    header = ("preset", "weights", "scheduler", "steps", "guidance", "size", "licence")
+    rows = [header] + [
+        (
+            p.name,
+            p.weights_label(),
+            p.scheduler_label(),
+            str(p.steps)
+            if p.steps_range[0] == p.steps_range[1]
+            else f"{p.steps} ({p.steps_range[0]}-{p.steps_range[1]})",
+            f"{p.guidance_scale:g}",
+            f"{p.width}x{p.height}",
+            ("! " if "non-commercial" in p.licence.lower() else "") + p.licence,
+        )
+        for p in PRESETS.values()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print("\n! non-commercial licence: check the terms before using its images commercially.")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import run_compare
+
+    config = _load(args)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    result = run_compare(
+        config, presets, ray_address=os.environ.get("RAY_ADDRESS") or None, progress=not args.no_progress
+    )
+    print(result.table)
+    print(f"\nGrids ({len(result.grids)}):")
+    for grid in result.grids:
+        print(f"  {grid}")
+    print(f"Table: {result.output.rstrip('/')}/compare.md   stats: {result.output.rstrip('/')}/stats.json")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "models": cmd_models, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

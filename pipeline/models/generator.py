@@ -78,10 +78,16 @@ def make_scheduler(preset: Preset, stored: Any) -> Any:
 def _quiet_libraries() -> None:
     """Silence download/loading progress bars and info chatter that would flood the driver's log
     from every actor; warnings (e.g. prompt truncation) still come through."""
+    import warnings
+
     import diffusers
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
+    # Per-load notices that say nothing actionable about our usage.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    logging.getLogger("diffusers.loaders.lora_base").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.loaders.lora_pipeline").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
@@ -162,7 +168,7 @@ class ImageGenerator:
             unet.load_state_dict(load_state_dict_file(path))
         except RuntimeError as error:
             raise ModelError(f"UNet weights {ref} do not fit the base pipeline's UNet: {str(error)[:500]}") from None
-        return unet.to(self.dtype)
+        return unet if unet.dtype == self.dtype else unet.to(self.dtype)
 
     def _load_vae(self, ref: str) -> Any:
         from diffusers import AutoencoderKL

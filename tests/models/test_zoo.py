@@ -46,7 +46,8 @@ def _load(model_cache: Path, **model: Any) -> ImageGenerator:
 def _render(generator: ImageGenerator, *, seed: int = 7, negative: str | None = None) -> np.ndarray:
     preset = generator.preset
     settings = RenderSettings(SMALL, SMALL, preset.steps, preset.guidance_scale, negative=negative is not None)
-    return generator.generate(["a fish made out of flowers"], [negative], [seed], settings)[0]
+    image: np.ndarray = generator.generate(["a fish made out of flowers"], [negative], [seed], settings)[0]
+    return image
 
 
 def test_every_preset_is_covered() -> None:
