@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+TINY_HUB := .cache/tiny-hub
+COMPARE_PRESETS := sdxl-base,lightning-4step,lightning-lora-4step,lcm-lora,turbo,hyper-sd-2step
+
 demo: venv
 	$(BIN)/sdxl-batch run configs/demo.yaml
+	@echo "Side-by-side comparison of presets, from tiny stand-ins under their real hub names (offline):"
+	$(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
+	HF_HUB_CACHE=$(TINY_HUB) HF_HUB_OFFLINE=1 $(BIN)/sdxl-batch compare --presets $(COMPARE_PRESETS) \
+		--manifest configs/manifests/lightning-benchmark.parquet --output outputs/demo-compare \
+		--set generation.width=128 --set generation.height=128
 
 test: venv
 	$(BIN)/pytest -q
@@ -36,6 +44,7 @@ format: venv
 
 bench: venv
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/lora_fusion.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) outputs .cache .pytest_cache .mypy_cache .ruff_cache

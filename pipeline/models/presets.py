@@ -100,35 +100,42 @@ def _lightning_unet(steps: int) -> Preset:
     )
 
 
-def _lightning_lora(steps: int) -> Preset:
+def _n_step_lora(name: str, description: str, lora: str, scheduler: str, steps: int, reason: str) -> Preset:
+    """An acceleration LoRA distilled for exactly `steps` steps without CFG, on any SDXL base."""
     return Preset(
-        name=f"lightning-lora-{steps}step",
-        description=f"SDXL-Lightning {steps}-step LoRA, fused into the SDXL base or fine-tune named by model.path",
+        name=name,
+        description=description,
         base=SDXL_BASE,
-        lora=f"{LIGHTNING}/sdxl_lightning_{steps}step_lora.safetensors",
-        scheduler="EulerDiscreteScheduler",
+        lora=lora,
+        scheduler=scheduler,
         scheduler_config=dict(TRAILING),
         steps=steps,
         steps_range=(steps, steps),
         guidance_range=NO_CFG,
-        limits_reason="each Lightning LoRA was distilled for its own step count, with guidance baked in",
+        limits_reason=reason,
         licence="OpenRAIL++",
     )
 
 
+def _lightning_lora(steps: int) -> Preset:
+    return _n_step_lora(
+        f"lightning-lora-{steps}step",
+        f"SDXL-Lightning {steps}-step LoRA, fused into the SDXL base or fine-tune named by model.path",
+        f"{LIGHTNING}/sdxl_lightning_{steps}step_lora.safetensors",
+        "EulerDiscreteScheduler",
+        steps,
+        "each Lightning LoRA was distilled for its own step count, with guidance baked in",
+    )
+
+
 def _hyper_lora(steps: int) -> Preset:
-    return Preset(
-        name=f"hyper-sd-{steps}step",
-        description=f"Hyper-SD {steps}-step LoRA (ByteDance) with trailing DDIM, on any SDXL base",
-        base=SDXL_BASE,
-        lora=f"{HYPER_SD}/Hyper-SDXL-{steps}steps-lora.safetensors",
-        scheduler="DDIMScheduler",
-        scheduler_config=dict(TRAILING),
-        steps=steps,
-        steps_range=(steps, steps),
-        guidance_range=NO_CFG,
-        limits_reason="each Hyper-SD N-step LoRA was distilled for N steps without CFG",
-        licence="OpenRAIL++",
+    return _n_step_lora(
+        f"hyper-sd-{steps}step",
+        f"Hyper-SD {steps}-step LoRA (ByteDance) with trailing DDIM, on any SDXL base",
+        f"{HYPER_SD}/Hyper-SDXL-{steps}steps-lora.safetensors",
+        "DDIMScheduler",
+        steps,
+        "each Hyper-SD N-step LoRA was distilled for N steps without CFG",
     )
 
 

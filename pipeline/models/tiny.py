@@ -127,8 +127,12 @@ def _components() -> dict[str, Any]:
 
 def build_tiny_pipeline(folder: str | os.PathLike[str]) -> Path:
     """Build the tiny pipeline and save it as a diffusers-format folder."""
+    import diffusers
+    import transformers
     from diffusers import StableDiffusionXLPipeline
 
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     pipe = StableDiffusionXLPipeline(**_components())
     pipe.save_pretrained(str(folder))  # type: ignore[attr-defined]
     return Path(folder)
@@ -194,6 +198,9 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     from pipeline.models.presets import FP16_FIX_VAE, SDXL_BASE, SDXL_TURBO
 
     hub = Path(hub)
+    complete = hub / f".sdxl-batch-tiny-hub-v{TINY_VERSION}"
+    if complete.exists():
+        return hub
     base = _snapshot(hub, SDXL_BASE)
     if not (base / "model_index.json").exists():
         build_tiny_pipeline(base)
@@ -232,6 +239,7 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     vae_folder = _snapshot(hub, FP16_FIX_VAE)
     torch.manual_seed(34)
     AutoencoderKL.from_config(AutoencoderKL.load_config(str(base), subfolder="vae")).save_pretrained(str(vae_folder))
+    complete.touch()  # written last: a half-built hub is rebuilt
     return hub
 
 
