@@ -18,6 +18,7 @@ from pipeline.stages import EncodeImages, GenerateImages, ReadManifest, WritePar
 from pipeline.writer import ModelInfo
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
     from pipeline.config import JobConfig
@@ -52,7 +53,8 @@ def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
 
 
-def build_dataset(config: JobConfig, fragments: list[Fragment]) -> ray.data.Dataset:
+def build_dataset(config: JobConfig, fragments: list[Fragment], done: pa.Array | None = None) -> ray.data.Dataset:
+    """The graph over `fragments`; rows whose ids are in `done` are dropped in the read stage."""
     import ray.data
 
     defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
@@ -60,7 +62,7 @@ def build_dataset(config: JobConfig, fragments: list[Fragment]) -> ray.data.Data
     items = [asdict(f) for f in fragments]
     dataset: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     dataset = dataset.map_batches(
-        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
+        ReadManifest(config, defaults, done), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
     )
     dataset = dataset.map_batches(
         GenerateImages,

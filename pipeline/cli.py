@@ -43,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the output's previous results first (default: resume, skipping rows already done)",
+    )
+    verify = commands.add_parser(
+        "verify",
+        help="check an output: every row exactly once, images present with matching sha256",
+        description="Exit status 0 when the output is complete and consistent, 1 when it is not.",
+    )
+    verify.add_argument("output", help="output prefix to check (local or s3://)")
+    verify.add_argument("--manifest", help="also check that exactly the manifest's ids are present")
+    verify.add_argument("--config", help="a job config, for its storage options")
     commands.add_parser("models", help="list the model presets", description="The model presets and what they pin.")
     compare = commands.add_parser(
         "compare",
@@ -65,7 +78,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_job
 
     config = _load(args)
-    result = run_job(config, ray_address=os.environ.get("RAY_ADDRESS") or None, progress=not args.no_progress)
+    result = run_job(
+        config,
+        ray_address=os.environ.get("RAY_ADDRESS") or None,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    done_before = result.stats["rows_done_before"]
+    if done_before:
+        print(f"Resumed: {done_before} of {result.stats['manifest_rows']} rows were already done and were skipped")
     print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
     for name, location in result.locations().items():
         print(f"  {name:<9}{location}")
@@ -113,7 +134,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "models": cmd_models, "compare": cmd_compare}
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.config import StorageConfig, load_config
+    from pipeline.verify import verify_output
+
+    storage = (
+        load_config(args.config, output=args.output, manifest="unused").storage if args.config else StorageConfig()
+    )
+    report = verify_output(args.output, manifest=args.manifest, storage=storage)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"run": cmd_run, "models": cmd_models, "compare": cmd_compare, "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

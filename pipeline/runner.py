@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import __version__
 from pipeline.builder import build_dataset, model_info
 from pipeline.errors import SdxlBatchError, StorageError
 from pipeline.io import filesystem, full_uri, join, write_bytes
-from pipeline.manifest import plan_manifest
+from pipeline.ledger import check_fingerprint, clear_output, read_done_ids, settings_fingerprint
+from pipeline.manifest import Fragment, ManifestPlan, plan_manifest
 from pipeline.models.presets import check_job_settings, get_preset
 from pipeline.settings import SettingDefaults
 from pipeline.stats import JobStats
@@ -98,8 +100,39 @@ def _write_json(fs: Any, path: str, record: dict[str, Any]) -> None:
         raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from None
 
 
-def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool = True) -> JobResult:
-    """Render every row of the manifest into the output; returns where the results are."""
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    if not fs.exists(path):
+        return None
+    try:
+        record: dict[str, Any] = json.loads(fs.cat_file(path))
+    except ValueError:
+        return None
+    return record
+
+
+def _pending(plan: ManifestPlan, done: pa.ChunkedArray) -> tuple[list[Fragment], int]:
+    """Fragments that still hold unfinished rows, and how many rows are unfinished."""
+    if len(done) == 0:
+        return plan.fragments, plan.total_rows
+    finished = pc.is_in(plan.ids, value_set=done.combine_chunks()).to_numpy(zero_copy_only=False)
+    fragments, remaining, offset = [], 0, 0
+    for fragment in plan.fragments:
+        todo = fragment.num_rows - int(finished[offset : offset + fragment.num_rows].sum())
+        offset += fragment.num_rows
+        if todo:
+            fragments.append(fragment)
+            remaining += todo
+    return fragments, remaining
+
+
+def run_job(
+    config: JobConfig, *, ray_address: str | None = None, progress: bool = True, overwrite: bool = False
+) -> JobResult:
+    """Render every unfinished row of the manifest into the output; returns where the results are.
+
+    Rows that committed parts already list are skipped before they reach a GPU (resume and
+    incremental runs); `overwrite` discards the output's previous results first.
+    """
     start = time.perf_counter()
     started_at = _now()
     preset = get_preset(config.model.preset)
@@ -108,34 +141,34 @@ def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool
     plan = plan_manifest(config.manifest, config.storage)
     fs, root = filesystem(config.output, config.storage)
     output = full_uri(fs, root)
+    if overwrite:
+        clear_output(config)
+    fingerprint = settings_fingerprint(config)
+    done = read_done_ids(config)
+    if len(done):
+        check_fingerprint((_read_json(fs, join(root, JOB_RECORD)) or {}).get("fingerprint"), fingerprint, output)
+    fragments, remaining = _pending(plan, done)
     _write_json(fs, join(root, JOB_RECORD), {
         "version": __version__,
         "started_at": started_at,
+        "fingerprint": fingerprint,
         "manifest_files": plan.files,
         "manifest_rows": plan.total_rows,
         "config": config.model_dump(mode="json"),  # SecretStr fields dump as '**********'
     })  # fmt: skip
-    init_ray(ray_address)
     stats = JobStats()
-    dataset = build_dataset(config, plan.fragments)
-    with _progress_bar(plan.total_rows, enabled=progress) as bar:
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                assert isinstance(batch, pa.Table)
-                for summary in batch.to_pylist():
-                    stats.add_part(summary)
-                    bar.update(int(summary["rows"]))
-        except Exception as error:
-            cause = user_error(error)
-            if cause is not None:
-                raise cause from None
-            raise
+    if remaining:
+        logger.info(
+            "%d of %d rows to render (%d already done)", remaining, plan.total_rows, plan.total_rows - remaining
+        )
+        _execute(config, fragments, done, remaining, stats, ray_address=ray_address, progress=progress)
     wall = time.perf_counter() - start
     model = model_info(config)
     record = stats.to_dict(
         wall_seconds=wall,
         manifest_rows=plan.total_rows,
         extra={
+            "rows_done_before": plan.total_rows - remaining,
             "layout": config.write.layout,
             "image_format": config.generation.image_format,
             "model": model.model,
@@ -150,6 +183,33 @@ def run_job(config: JobConfig, *, ray_address: str | None = None, progress: bool
     return JobResult(
         output=output, rows=stats.rows, wall_seconds=wall, images_per_second=record["images_per_second"], stats=record
     )
+
+
+def _execute(
+    config: JobConfig,
+    fragments: list[Fragment],
+    done: pa.ChunkedArray,
+    remaining: int,
+    stats: JobStats,
+    *,
+    ray_address: str | None,
+    progress: bool,
+) -> None:
+    """Stream the Ray Data graph over the pending fragments, counting parts as they commit."""
+    init_ray(ray_address)
+    dataset = build_dataset(config, fragments, done.combine_chunks() if len(done) else None)
+    with _progress_bar(remaining, enabled=progress) as bar:
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                assert isinstance(batch, pa.Table)
+                for summary in batch.to_pylist():
+                    stats.add_part(summary)
+                    bar.update(int(summary["rows"]))
+        except Exception as error:
+            cause = user_error(error)
+            if cause is not None:
+                raise cause from None
+            raise
 
 
 def user_error(error: BaseException) -> SdxlBatchError | None:

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.encoding import encode_batch
 from pipeline.manifest import Fragment, read_fragment
@@ -35,17 +36,21 @@ class ReadManifest:
 
     needs = ("uri", "relpath", "row_group", "row_offset", "num_rows")
 
-    def __init__(self, config: JobConfig, defaults: SettingDefaults):
+    def __init__(self, config: JobConfig, defaults: SettingDefaults, done: pa.Array | None = None):
         self.storage = config.storage
         self.defaults = defaults
         self.preset = get_preset(config.model.preset)
+        self.done = done
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("read", batch, self.needs)
         tables = []
         for row in batch.select(list(self.needs)).to_pylist():
             fragment = Fragment(**row)
-            table = fill_settings(read_fragment(fragment, self.storage), self.defaults)
+            table = read_fragment(fragment, self.storage)
+            if self.done is not None:  # resume: finished rows never reach a GPU
+                table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=self.done)))
+            table = fill_settings(table, self.defaults)
             check_row_settings(table, self.preset, fragment.uri, fragment.row_offset)
             tables.append(table)
         return pa.concat_tables(tables, promote_options="permissive")
