@@ -78,15 +78,21 @@ def init_ray(address: str | None) -> None:
 
 
 def _quiet_ray_data_console() -> None:
-    """Ray Data prints its execution plan at INFO on the console; our progress line says enough.
-    Its full log still goes to the session's ray-data.log file."""
+    """Ray Data prints its plan and errors on the console; our progress line and error messages
+    say enough. Its full log still goes to the session's ray-data.log file."""
     import ray.data
     from ray.data._internal.logging import SessionFileHandler
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Our stages raise errors a user can act on (StorageError, ManifestError, ModelError); by
+    # default Ray Data replaces them with a UserCodeException that keeps only their text.
+    context.raise_original_map_exception = True
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.WARNING)
+            # Failures reach the driver as exceptions, which the CLI reports (ours without a
+            # traceback); Ray Data's own copy of them stays in its log file.
+            handler.setLevel(logging.CRITICAL)
 
 
 def _now() -> str:
@@ -221,8 +227,14 @@ def user_error(error: BaseException) -> SdxlBatchError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        cause = getattr(current, "cause", None)  # a RayTaskError: prefer the original exception
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+            continue
         if isinstance(current, SdxlBatchError):
-            return current
+            # Ray Data appends its retry advice to the message; the user needs ours alone.
+            message = str(current).split("\nFailed to apply UDF transform")[0]
+            return current if message == str(current) else type(current)(message)
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
     return None
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.encoding import EXTENSIONS
+from pipeline.errors import StorageError
 from pipeline.io import filesystem, is_remote_fs, join, write_bytes
 from pipeline.paths import image_relpath, safe_name
 
@@ -63,6 +64,18 @@ class PartWriter:
         self.model = model
 
     def write(self, batch: pa.Table) -> dict[str, Any]:
+        """Commit one part. Transient object-store errors are retried by botocore; an error that
+        outlasts the retries stops the job with a StorageError, and the parts already committed
+        stay valid, so the same command resumes once the output is writable again."""
+        try:
+            return self._write(batch)
+        except (OSError, ValueError) as error:  # s3fs maps S3 errors (AccessDenied, NoSuchBucket) to OSErrors
+            raise StorageError(
+                f"cannot write to the output {self.fs.unstrip_protocol(self.root)}: {type(error).__name__}: {error}. "
+                "Parts committed so far are kept; rerun the same command to resume once the output is writable."
+            ) from None
+
+    def _write(self, batch: pa.Table) -> dict[str, Any]:
         start = time.perf_counter()
         ids: list[str] = batch.column("id").to_pylist()
         name = part_name(ids)
