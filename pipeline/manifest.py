@@ -91,13 +91,32 @@ _TARGET_TYPES = {
 
 @dataclass(frozen=True)
 class Fragment:
-    """One row group of one manifest file: the unit the read stage loads."""
+    """A run of rows inside one row group of one manifest file: the unit the read stage loads.
+
+    `row_offset` is the first row's position in the file (ids derive from it); `start` is its
+    position inside the row group.
+    """
 
     uri: str
     relpath: str
     row_group: int
     row_offset: int
     num_rows: int
+    start: int = 0
+
+    def split(self, rows: int) -> list[Fragment]:
+        """Slices of at most `rows` rows, so that one large row group feeds many actors."""
+        return [
+            Fragment(
+                self.uri,
+                self.relpath,
+                self.row_group,
+                self.row_offset + s,
+                min(rows, self.num_rows - s),
+                self.start + s,
+            )
+            for s in range(0, self.num_rows, rows)
+        ]
 
 
 @dataclass
@@ -225,7 +244,7 @@ def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.Pa
 
 def _read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
     try:
-        table = parquet.read_row_group(fragment.row_group, columns=columns)
+        table = _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
     check_rows(table, fragment)
@@ -255,6 +274,14 @@ def read_fragment(fragment: Fragment, storage: StorageConfig | None = None) -> p
     fs, path = filesystem(fragment.uri, storage)
     with _open_parquet(fs, path, fragment.uri) as parquet:
         return normalize(_read_row_group(parquet, fragment), fragment)
+
+
+def _slice(table: pa.Table, fragment: Fragment) -> pa.Table:
+    return (
+        table
+        if fragment.start == 0 and table.num_rows == fragment.num_rows
+        else table.slice(fragment.start, fragment.num_rows)
+    )
 
 
 def plan_manifest(uri: str, storage: StorageConfig | None = None) -> ManifestPlan:

@@ -123,3 +123,12 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ManifestError, match="matches no Parquet files"):
         plan_manifest(str(tmp_path / "empty"))
+
+
+def test_row_groups_split_into_slices_with_the_same_ids(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "m.parquet", prompt_rows(25, with_ids=False), row_group_size=10)
+    plan = plan_manifest(str(tmp_path / "m.parquet"))
+    slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
+    assert [s.num_rows for s in slices] == [4, 4, 2, 4, 4, 2, 4, 1]
+    read = [i for s in slices for i in read_fragment(s).column("id").to_pylist()]
+    assert read == plan.ids.to_pylist()

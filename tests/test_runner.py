@@ -36,3 +36,18 @@ def test_embedded_ray_never_attaches_to_a_stale_cluster(address: str | None, mon
     monkeypatch.setattr(runner, "_quiet_ray_data_console", lambda: None)
     runner.init_ray(address)
     assert calls[0]["address"] == (address or "local")
+
+
+def test_read_slices_feed_every_actor_in_whole_batches() -> None:
+    from pipeline.config import JobConfig
+    from pipeline.runner import read_slice_rows
+
+    def config(actors: int, batch: int) -> JobConfig:
+        return JobConfig.model_validate(
+            {"manifest": "m", "output": "o", "resources": {"actors": actors}, "generation": {"batch_size": batch}}
+        )
+
+    assert read_slice_rows(1_000_000, config(8, 8)) == 256
+    assert read_slice_rows(24, config(1, 4)) == 64
+    assert read_slice_rows(10_000, config(8, 16)) == 160  # 10,000 / (8 actors x 8) rounded up to batches
+    assert read_slice_rows(100, config(1, 1000)) == 1000
