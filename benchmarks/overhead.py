@@ -88,6 +88,10 @@ def main() -> None:
     ours = pipeline_run(config)
     stats = json.loads((work / "pipeline-out" / "stats.json").read_text())
     assert stats["rows"] == args.rows, stats
+    from pipeline.verify import verify_output
+
+    report = verify_output(str(work / "pipeline-out"), manifest=str(work / "manifest.parquet"))
+    assert report.ok, report.summary()  # the timed run produced every row exactly once
     bare_rate, our_rate = args.rows / bare, args.rows / ours
     table = "\n".join(
         [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -34,7 +35,7 @@ def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> No
 class ReadManifest:
     """Fragment descriptions → manifest rows with every render setting resolved."""
 
-    needs = ("uri", "relpath", "row_group", "row_offset", "num_rows")
+    needs = tuple(f.name for f in fields(Fragment))  # every field: a slice without `start` re-reads row 0
 
     def __init__(self, config: JobConfig, defaults: SettingDefaults, done: pa.Array | None = None):
         self.storage = config.storage

@@ -132,3 +132,19 @@ def test_row_groups_split_into_slices_with_the_same_ids(tmp_path: Path) -> None:
     assert [s.num_rows for s in slices] == [4, 4, 2, 4, 4, 2, 4, 1]
     read = [i for s in slices for i in read_fragment(s).column("id").to_pylist()]
     assert read == plan.ids.to_pylist()
+
+
+def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from pipeline.config import JobConfig
+    from pipeline.settings import SettingDefaults
+    from pipeline.stages import ReadManifest
+
+    write_manifest(tmp_path / "m.parquet", prompt_rows(25), row_group_size=10)
+    plan = plan_manifest(str(tmp_path / "m.parquet"))
+    slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
+    config = JobConfig.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o")})
+    stage = ReadManifest(config, SettingDefaults(128, 128, 4, 0.0))
+    ids = [i for s in slices for i in stage(pa.Table.from_pylist([asdict(s)])).column("id").to_pylist()]
+    assert ids == plan.ids.to_pylist()

@@ -99,23 +99,24 @@ def test_killed_actor_is_restarted_and_the_job_finishes(tmp_path: Path, model_ca
     _verify(str(output), str(manifest))
 
 
-def _upload_manifest(fs: s3fs.S3FileSystem, bucket: str) -> str:
+def _s3_job(tmp_path: Path, model_cache: Path, bucket: str, endpoint: str) -> tuple[s3fs.S3FileSystem, str, str, Path]:
+    """A manifest in the bucket and a job config writing next to it; talks to moto directly."""
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(prompt_rows(ROWS // 2)), buffer)
     fs.pipe(f"{bucket}/manifest/m.parquet", buffer.getvalue().to_pybytes())
-    return f"s3://{bucket}/manifest/m.parquet"
+    manifest, output = f"s3://{bucket}/manifest/m.parquet", f"s3://{bucket}/out"
+    return fs, manifest, output, _config(tmp_path, model_cache, manifest, output)
 
 
 def test_flaky_object_store_is_retried(
     tmp_path: Path, model_cache: Path, s3_bucket: str, s3_env: dict[str, str]
 ) -> None:
-    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
-    manifest = _upload_manifest(fs, s3_bucket)
-    output = f"s3://{s3_bucket}/out"
+    _, manifest, output, config = _s3_job(tmp_path, model_cache, s3_bucket, s3_env["AWS_ENDPOINT_URL"])
     with FaultyS3Proxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
         proxy.mode, proxy.fail_every, proxy.drop_every = "flaky", 7, 11
         env = s3_env | {"AWS_ENDPOINT_URL": proxy.url}
-        result = run_cli("run", str(_config(tmp_path, model_cache, manifest, output)), "--no-progress", env=env)
+        result = run_cli("run", str(config), "--no-progress", env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert proxy.failed > 0 and proxy.dropped > 0
     _verify(output, manifest, env=s3_env)
@@ -124,10 +125,7 @@ def test_flaky_object_store_is_retried(
 def test_permanent_write_failure_stops_cleanly_and_resumes(
     tmp_path: Path, model_cache: Path, s3_bucket: str, s3_env: dict[str, str]
 ) -> None:
-    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
-    manifest = _upload_manifest(fs, s3_bucket)
-    output = f"s3://{s3_bucket}/out"
-    config = _config(tmp_path, model_cache, manifest, output)
+    fs, manifest, output, config = _s3_job(tmp_path, model_cache, s3_bucket, s3_env["AWS_ENDPOINT_URL"])
     with FaultyS3Proxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
         env = s3_env | {"AWS_ENDPOINT_URL": proxy.url}
         process = _start(config, env)
