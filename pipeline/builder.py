@@ -9,8 +9,7 @@ back to denoising; the writer batches rows into commit units (`write.rows_per_pa
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.models.presets import get_preset
 from pipeline.settings import SettingDefaults
@@ -18,11 +17,9 @@ from pipeline.stages import EncodeImages, GenerateImages, ReadManifest, WritePar
 from pipeline.writer import ModelInfo
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
     from pipeline.config import JobConfig
-    from pipeline.manifest import Fragment
 
 # Light stages reserve fractions of a CPU so that, on a small machine, they run beside the
 # generator actors instead of queueing behind them.
@@ -53,16 +50,16 @@ def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
 
 
-def build_dataset(config: JobConfig, fragments: list[Fragment], done: pa.Array | None = None) -> ray.data.Dataset:
-    """The graph over `fragments`; rows whose ids are in `done` are dropped in the read stage."""
+def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
+    """The graph over read `tasks` (a manifest `Fragment`'s fields plus `skip`: the indices inside
+    it that are done or rejected, dropped in the read stage)."""
     import ray.data
 
     defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
     resources = config.resources
-    items = [asdict(f) for f in fragments]
-    dataset: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     dataset = dataset.map_batches(
-        ReadManifest(config, defaults, done), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
+        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
     )
     dataset = dataset.map_batches(
         GenerateImages,

@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard the output's previous results first (default: resume, skipping rows already done)",
     )
+    validate = commands.add_parser(
+        "validate",
+        help="check a job's config and manifest, and show what it will do, without starting it",
+        description=(
+            "The checks `run` makes before any GPU work: config, preset limits, every manifest row, the output's "
+            "state. Exit status 0: the job can start; 1: bad rows would stop it (on_bad_row: fail); 2: a "
+            "structural problem (unreadable manifest, missing column, unknown key, bad credentials...)."
+        ),
+    )
+    _add_job_arguments(validate)
+    validate.add_argument(
+        "--overwrite", action="store_true", help="plan as `run --overwrite` would (ignore the output's results)"
+    )
     verify = commands.add_parser(
         "verify",
         help="check an output: every row exactly once, images present with matching sha256",
@@ -84,12 +97,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
+    rejected = result.stats["rows_rejected"]
+    if rejected:
+        print(f"Skipped {rejected} bad rows (on_bad_row: skip): see {result.output.rstrip('/')}/rejects/")
     done_before = result.stats["rows_done_before"]
     if done_before:
         print(f"Resumed: {done_before} of {result.stats['manifest_rows']} rows were already done and were skipped")
     print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
     for name, location in result.locations().items():
         print(f"  {name:<9}{location}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.validate import SHOWN_PROBLEMS, plan_job
+
+    job = plan_job(_load(args), overwrite=args.overwrite)
+    print("\n".join(job.summary_lines()))
+    manifest = job.manifest
+    if manifest.problem_count:
+        shown = min(SHOWN_PROBLEMS, manifest.problem_count)
+        print(f"\nbad rows (first {shown}; row numbers count from 0 in each file):")
+        for line in manifest.problem_lines(SHOWN_PROBLEMS):
+            print(f"  {line}")
+        if job.config.on_bad_row == "fail":
+            print("\nNOT READY: fix these rows, or set on_bad_row: skip to render the others (listed in rejects/)")
+            return 1
+    print("\nOK: the job can start")
     return 0
 
 
@@ -146,7 +180,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"run": cmd_run, "models": cmd_models, "compare": cmd_compare, "verify": cmd_verify}
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "models": cmd_models,
+    "compare": cmd_compare,
+    "verify": cmd_verify,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 Layout = Literal["files", "webdataset"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
+OnBadRow = Literal["fail", "skip"]
 
 
 class _Section(BaseModel):
@@ -143,6 +144,13 @@ class StorageConfig(_Section):
 class JobConfig(_Section):
     manifest: str = Field(description="Parquet manifest: a file, a folder or a glob, local or s3://.")
     output: str = Field(description="Output prefix, local or s3://.")
+    on_bad_row: OnBadRow = Field(
+        default="fail",
+        description=(
+            "A manifest row that breaks the contract: `fail` stops the job before any GPU work and "
+            "names the first bad rows; `skip` renders the rest and lists the bad rows in rejects/."
+        ),
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)

@@ -6,19 +6,26 @@ manifest root and the row's position, so the same manifest always yields the sam
 Optional per-row settings: `negative_prompt`, `width`, `height`, `steps`, `guidance_scale`.
 Every other column passes through unchanged into the output metadata.
 
-The manifest is planned in one streaming pass that reads only the key columns, one row group at
-a time, so the driver never holds the prompts of a large manifest; the Ray read stage later reads
-each row group (a `Fragment`) in full.
+Integer columns may also be stored as floats with integral values (pandas writes nullable
+integers that way).
+
+The manifest is planned in one streaming pass that reads only the key and setting columns, one
+row group at a time, so the driver never holds the prompts of a large manifest; the Ray read
+stage later reads each slice of a row group (a `Fragment`) in full. Planning checks every row
+(`row_problems`) and every id's uniqueness; the caller decides whether bad rows stop the job or
+are skipped (`on_bad_row`).
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -68,12 +75,12 @@ def _is_number(t: pa.DataType) -> bool:
 
 _TYPE_CHECKS = {
     "prompt": (_is_string, "string"),
-    "seed": (_is_integer, "integer"),
+    "seed": (_is_number, "integer"),
     "id": (_is_string, "string"),
     "negative_prompt": (_is_string, "string"),
-    "width": (_is_integer, "integer"),
-    "height": (_is_integer, "integer"),
-    "steps": (_is_integer, "integer"),
+    "width": (_is_number, "integer"),
+    "height": (_is_number, "integer"),
+    "steps": (_is_number, "integer"),
     "guidance_scale": (_is_number, "number"),
 }
 # Normalised types, so that every fragment has the same schema whatever the source file used.
@@ -117,17 +124,6 @@ class Fragment:
             )
             for s in range(0, self.num_rows, rows)
         ]
-
-
-@dataclass
-class ManifestPlan:
-    """What a manifest holds, found without loading its prompts."""
-
-    root: str
-    files: list[str]
-    fragments: list[Fragment]
-    total_rows: int
-    ids: pa.ChunkedArray = field(repr=False)
 
 
 def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str]]:
@@ -196,35 +192,139 @@ def derive_ids(relpath: str, row_offset: int, num_rows: int) -> pa.Array:
     return pa.array([f"{stem}-{row:09d}" for row in range(row_offset, row_offset + num_rows)], pa.string())
 
 
-def _first_bad_row(mask: pa.Array | pa.ChunkedArray) -> int | None:
-    indices = pc.indices_nonzero(pc.fill_null(mask, True))
-    return int(indices[0].as_py()) if len(indices) else None
+@dataclass(frozen=True)
+class RowRules:
+    """Limits for the values a row sets itself (a null setting takes the job's default, which the
+    config check covers). `size_range` bounds width and height, both multiples of 8."""
+
+    model: str = "any"
+    steps_range: tuple[int, int] = (1, 1000)
+    guidance_range: tuple[float, float] = (0.0, 100.0)
+    size_range: tuple[int, int] = (8, 16384)
+    reason: str = ""
 
 
-def check_rows(table: pa.Table, fragment: Fragment) -> None:
-    """Raise a ManifestError for the first row that breaks the contract (row numbers count from 0)."""
-    checks: list[tuple[str, pa.Array | pa.ChunkedArray, str]] = []
-    prompt = table.column("prompt")
-    checks.append(
-        ("prompt", pc.or_(pc.is_null(prompt), pc.equal(pc.utf8_length(prompt), 0)), "prompt is null or empty")
-    )
-    seed = table.column("seed")
-    checks.append(("seed", pc.is_null(seed), "seed is null"))
-    if pa.types.is_unsigned_integer(seed.type):
-        # Only uint64 can exceed 2**63 - 1; signed integers fit by construction.
-        if pa.types.is_uint64(seed.type):
-            checks.append(("seed", pc.greater_equal(seed, pa.scalar(SEED_LIMIT, pa.uint64())), "seed must be < 2**63"))
-    elif pa.types.is_integer(seed.type):
-        checks.append(("seed", pc.less(seed, 0), "seed must satisfy 0 <= seed < 2**63"))
-    if "id" in table.column_names:
-        ids = table.column("id")
-        checks.append(("id", pc.or_(pc.is_null(ids), pc.equal(pc.utf8_length(ids), 0)), "id is null or empty"))
-    for column, mask, message in checks:
-        row = _first_bad_row(mask)
-        if row is not None:
-            raise ManifestError(
-                f"{message}; fix or remove the row", file=fragment.uri, row=fragment.row_offset + row, column=column
+GENERIC_RULES = RowRules()
+MAX_PROMPT_CHARS = 200  # prompt text kept in rejects/ and error messages
+
+
+def _bools(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A compute result as a numpy bool array, nulls counted as False."""
+    return np.asarray(pc.fill_null(array, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    """Numeric values as float64 (nulls as NaN) for range checks."""
+    if pa.types.is_null(column.type):
+        return np.full(len(column), np.nan)
+    return np.asarray(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _text_problems(table: pa.Table, name: str, what: str) -> list[tuple[str, np.ndarray, str]]:
+    column = table.column(name)
+    if pa.types.is_null(column.type):
+        return [(name, np.ones(table.num_rows, dtype=bool), f"{what} is missing (null)")]
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    return [
+        (name, _bools(pc.is_null(column)), f"{what} is missing (null)"),
+        (name, _bools(empty), f"{what} is empty"),
+    ]
+
+
+def _seed_problems(column: pa.ChunkedArray, n: int) -> list[tuple[str, np.ndarray, str]]:
+    if pa.types.is_null(column.type):
+        return [("seed", np.ones(n, dtype=bool), "seed is missing (null)")]
+    out = [("seed", _bools(pc.is_null(column)), "seed is missing (null)")]
+    out_of_range = "seed is out of range: it must satisfy 0 <= seed < 2**63"
+    if pa.types.is_floating(column.type):
+        values = _floats(column)
+        with np.errstate(invalid="ignore"):
+            out.append(
+                (
+                    "seed",
+                    ~np.isnan(values) & ((values != np.floor(values)) | ~np.isfinite(values)),
+                    "seed is not an integer",
+                )
             )
+            out.append(("seed", (values < 0) | (values >= float(SEED_LIMIT)), out_of_range))
+    elif pa.types.is_uint64(column.type):
+        out.append(("seed", _bools(pc.greater_equal(column, pa.scalar(SEED_LIMIT, pa.uint64()))), out_of_range))
+    elif pa.types.is_signed_integer(column.type):
+        out.append(("seed", _bools(pc.less(column, 0)), out_of_range))
+    return out
+
+
+def _setting_problems(table: pa.Table, rules: RowRules) -> list[tuple[str, np.ndarray, str]]:
+    out: list[tuple[str, np.ndarray, str]] = []
+    why = f": {rules.reason}" if rules.reason else ""
+    low, high = rules.size_range
+    for name in ("width", "height", "steps"):
+        if name not in table.column_names:
+            continue
+        values = _floats(table.column(name))
+        present = ~np.isnan(values)
+        with np.errstate(invalid="ignore"):
+            out.append(
+                (name, present & ((values != np.floor(values)) | ~np.isfinite(values)), f"{name} is not an integer")
+            )
+            if name == "steps":
+                s_low, s_high = rules.steps_range
+                allowed = str(s_low) if s_low == s_high else f"{s_low} to {s_high}"
+                out.append(
+                    (
+                        name,
+                        present & ((values < s_low) | (values > s_high)),
+                        f"model {rules.model} takes {allowed} steps{why}",
+                    )
+                )
+            else:
+                out.append((name, present & (np.mod(values, 8) != 0), f"{name} must be a multiple of 8"))
+                out.append(
+                    (
+                        name,
+                        present & ((values < low) | (values > high)),
+                        f"model {rules.model} renders {name}s from {low} to {high} px",
+                    )
+                )
+    if "guidance_scale" in table.column_names:
+        values = _floats(table.column("guidance_scale"))
+        g_low, g_high = rules.guidance_range
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isnan(values) & ((values < g_low) | (values > g_high) | ~np.isfinite(values))
+        out.append(("guidance_scale", bad, f"model {rules.model} takes guidance {g_low:g} to {g_high:g}{why}"))
+    return out
+
+
+def row_problems(table: pa.Table, rules: RowRules = GENERIC_RULES) -> tuple[np.ndarray, list[str], list[str]]:
+    """The rows of `table` that break the contract: (row indices, column, reason), first problem
+    of each row only, in row order. Vectorised: a million rows take well under a second."""
+    n = table.num_rows
+    checks = _text_problems(table, "prompt", "prompt") + _seed_problems(table.column("seed"), n)
+    if "id" in table.column_names:
+        checks += _text_problems(table, "id", "id")
+    checks += _setting_problems(table, rules)
+    flagged = np.zeros(n, dtype=bool)
+    column_of = np.full(n, -1, dtype=np.int64)
+    for index, (_, mask, _) in enumerate(checks):
+        new = mask & ~flagged
+        column_of[new] = index
+        flagged |= new
+    rows = np.flatnonzero(flagged)
+    columns: list[str] = [""] * len(rows)
+    reasons: list[str] = [""] * len(rows)
+    for index in np.unique(column_of[rows]):
+        name, _, reason = checks[index]
+        where = np.flatnonzero(column_of[rows] == index)
+        values = pc.take(table.column(name), pa.array(rows[where])).to_pylist()
+        for position, value in zip(where, values, strict=True):
+            columns[position] = name
+            reasons[position] = reason if value is None or value == "" else f"{reason} (got {_short(value)})"
+    return rows, columns, reasons
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @contextmanager
@@ -244,11 +344,9 @@ def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.Pa
 
 def _read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
     try:
-        table = _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
+        return _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
-    check_rows(table, fragment)
-    return table
 
 
 def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
@@ -269,11 +367,34 @@ def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
     return pa.table(columns, names=names)
 
 
-def read_fragment(fragment: Fragment, storage: StorageConfig | None = None) -> pa.Table:
-    """Read, check and normalise one row group of a manifest file."""
+def read_fragment(
+    fragment: Fragment,
+    storage: StorageConfig | None = None,
+    *,
+    rules: RowRules = GENERIC_RULES,
+    reject: list[int] | None = None,
+) -> pa.Table:
+    """Read, check and normalise one slice of a manifest file, without its `reject`ed rows
+    (indices inside the slice). The rows left must pass the checks that planning applied: if
+    one does not, the file changed after planning, and the job stops naming the row."""
     fs, path = filesystem(fragment.uri, storage)
     with _open_parquet(fs, path, fragment.uri) as parquet:
-        return normalize(_read_row_group(parquet, fragment), fragment)
+        table = _read_row_group(parquet, fragment)
+    if "id" not in table.column_names:  # derived from positions, so before any row is dropped
+        table = table.add_column(0, "id", derive_ids(fragment.relpath, fragment.row_offset, table.num_rows))
+    positions = np.arange(table.num_rows)
+    if reject:
+        positions = np.setdiff1d(positions, np.asarray(reject, dtype=np.int64))
+        table = table.take(pa.array(positions, pa.int64()))
+    bad, columns, reasons = row_problems(table, rules)
+    if len(bad):
+        raise ManifestError(
+            f"{reasons[0]} (the file changed after the job was planned; rerun the job to re-validate it)",
+            file=fragment.uri,
+            row=fragment.row_offset + int(positions[bad[0]]),
+            column=columns[0],
+        )
+    return normalize(table, fragment)
 
 
 def _slice(table: pa.Table, fragment: Fragment) -> pa.Table:
@@ -284,50 +405,219 @@ def _slice(table: pa.Table, fragment: Fragment) -> pa.Table:
     )
 
 
-def plan_manifest(uri: str, storage: StorageConfig | None = None) -> ManifestPlan:
+SETTING_COLUMNS = ("width", "height", "steps", "guidance_scale")
+PROBLEM_SCHEMA = pa.schema([
+    ("file", pa.string()),
+    ("row", pa.int64()),
+    ("id", pa.string()),
+    ("column", pa.string()),
+    ("reason", pa.string()),
+    ("prompt", pa.string()),
+    ("seed", pa.string()),
+])  # fmt: skip
+MAX_KEPT_PROBLEMS = 20  # problems kept in detail when they are only reported, not skipped
+
+
+@dataclass
+class ManifestPlan:
+    """What a manifest holds, found in one streaming pass without loading its prompts.
+
+    `ids` and `rejected` are indexed by global row position (files in order, rows in order);
+    `problems` lists bad rows (all of them when planned with `keep_problems=True`, else the first
+    few) and `problem_count` counts them all; `setting_values` holds every row's own width,
+    height, steps and guidance_scale (float64, null: the job's default) for the job's summary.
+    """
+
+    root: str
+    files: list[str]
+    fragments: list[Fragment]
+    total_rows: int
+    ids: pa.ChunkedArray = field(repr=False)
+    file_rows: list[int] = field(repr=False)
+    rejected: np.ndarray = field(repr=False)
+    problems: pa.Table = field(repr=False)
+    problem_count: int = 0
+    problem_columns: Counter[str] = field(default_factory=Counter)
+    setting_values: pa.Table = field(repr=False, default_factory=lambda: pa.table({}))
+
+    @property
+    def good_rows(self) -> int:
+        return self.total_rows - int(self.rejected.sum())
+
+    def count_settings(self, rows: np.ndarray) -> Counter[tuple[Any, ...]]:
+        """Rows selected by the boolean mask `rows`, counted per (width, height, steps, guidance)."""
+        table = self.setting_values.filter(pa.array(rows))
+        grouped = table.group_by(list(SETTING_COLUMNS)).aggregate([([], "count_all")])
+        return Counter({tuple(row[c] for c in SETTING_COLUMNS): row["count_all"] for row in grouped.to_pylist()})
+
+    def problem_lines(self, limit: int = 10) -> list[str]:
+        return [
+            f"file {r['file']}, row {r['row']}, column {r['column']!r}"
+            + (f" (id {r['id']!r})" if r["id"] is not None else "")
+            + f": {r['reason']}"
+            for r in self.problems.slice(0, limit).to_pylist()
+        ]
+
+
+class _Problems:
+    """Collects bad rows chunk by chunk; keeps all, or only the first few, in detail."""
+
+    def __init__(self, keep_all: bool):
+        self.keep_all = keep_all
+        self.chunks: list[pa.Table] = []
+        self.kept = 0
+        self.count = 0
+        self.by_column: Counter[str] = Counter()
+
+    def add(self, file: str, rows: np.ndarray, ids: list[Any], columns: list[str], reasons: list[str],
+            prompts: list[Any], seeds: list[Any]) -> None:  # fmt: skip
+        self.count += len(rows)
+        self.by_column.update(
+            "duplicate id" if r.startswith("duplicate id") else c for c, r in zip(columns, reasons, strict=True)
+        )
+        take = len(rows) if self.keep_all else max(0, min(len(rows), MAX_KEPT_PROBLEMS - self.kept))
+        if not take:
+            return
+        self.kept += take
+        self.chunks.append(pa.table([
+            pa.array([file] * take, pa.string()),
+            pa.array(rows[:take], pa.int64()),
+            pa.array([None if i is None else str(i) for i in ids[:take]], pa.string()),
+            pa.array(columns[:take], pa.string()),
+            pa.array(reasons[:take], pa.string()),
+            pa.array([None if p is None else str(p)[:MAX_PROMPT_CHARS] for p in prompts[:take]], pa.string()),
+            pa.array([None if v is None else str(v) for v in seeds[:take]], pa.string()),
+        ], schema=PROBLEM_SCHEMA))  # fmt: skip
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.chunks) if self.chunks else PROBLEM_SCHEMA.empty_table()
+
+
+def plan_manifest(
+    uri: str, storage: StorageConfig | None = None, *, rules: RowRules = GENERIC_RULES, keep_problems: bool = False
+) -> ManifestPlan:
     """Find every file and row group, check schemas and rows, and collect the ids.
 
-    Only `id`, `prompt` and `seed` are read, a row group at a time, so this streams.
-    Raises ManifestError on the first structural or row problem and on duplicate ids.
+    Only the key and setting columns are read, a row group at a time, so this streams. A
+    structural problem (missing file, unreadable Parquet, missing or mistyped column, no rows)
+    raises a ManifestError or StorageError; bad rows (see `row_problems`, plus every occurrence
+    of an id after its first) are collected in the plan for the caller to report or skip.
     """
     fs, root, files = list_manifest_files(uri, storage)
     fragments: list[Fragment] = []
     id_chunks: list[pa.Array] = []
+    rejected_chunks: list[np.ndarray] = []
+    problems = _Problems(keep_problems)
+    setting_chunks: list[pa.Table] = []
+    file_uris, file_starts = [], []
+    total = 0
     for path in files:
         file_uri = full_uri(fs, path)
         relpath = posixpath.relpath(path, root)
+        file_uris.append(file_uri)
+        file_starts.append(total)
         with _open_parquet(fs, path, file_uri) as parquet:
-            check_schema(parquet.schema_arrow, file_uri)
-            key_columns = [c for c in ("id", "prompt", "seed") if c in parquet.schema_arrow.names]
+            schema = parquet.schema_arrow
+            check_schema(schema, file_uri)
+            columns = [c for c in ("id", "prompt", "seed", *SETTING_COLUMNS) if c in schema.names]
             offset = 0
             for index in range(parquet.metadata.num_row_groups):
                 num_rows = parquet.metadata.row_group(index).num_rows
                 fragment = Fragment(file_uri, relpath, index, offset, num_rows)
-                table = _read_row_group(parquet, fragment, key_columns)
+                table = _read_row_group(parquet, fragment, columns)
                 ids = table.column("id") if "id" in table.column_names else derive_ids(relpath, offset, num_rows)
-                id_chunks.extend(pc.cast(ids, pa.string()).chunks if isinstance(ids, pa.ChunkedArray) else [ids])
+                ids = pc.cast(ids, pa.string())
+                id_chunks.extend(ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])
+                bad, bad_columns, reasons = row_problems(table, rules)
+                mask = np.zeros(num_rows, dtype=bool)
+                mask[bad] = True
+                rejected_chunks.append(mask)
+                if len(bad):
+                    taken = table.take(pa.array(bad, pa.int64()))
+                    problems.add(
+                        file_uri,
+                        bad + offset,
+                        pc.take(ids, pa.array(bad)).to_pylist(),
+                        bad_columns,
+                        reasons,
+                        taken.column("prompt").to_pylist(),
+                        taken.column("seed").to_pylist(),
+                    )
+                setting_chunks.append(_setting_values(table))
                 if num_rows:
                     fragments.append(fragment)
                 offset += num_rows
-    ids = pa.chunked_array(id_chunks, pa.string())
-    if len(ids) == 0:
+        total += offset
+    if total == 0:
         raise ManifestError(f"manifest {uri} has no rows")
-    _check_unique(ids)
+    ids_all = pa.chunked_array(id_chunks, pa.string())
+    rejected = np.concatenate(rejected_chunks)
+    _reject_duplicates(ids_all, rejected, problems, file_uris, np.asarray(file_starts))
+    table = problems.table()
+    if table.num_rows:
+        table = table.sort_by([("file", "ascending"), ("row", "ascending")])
     return ManifestPlan(
         root=full_uri(fs, root),
-        files=[full_uri(fs, f) for f in files],
+        files=file_uris,
         fragments=fragments,
-        total_rows=len(ids),
-        ids=ids,
+        total_rows=total,
+        ids=ids_all,
+        file_rows=np.diff(np.append(file_starts, total)).tolist(),
+        rejected=rejected,
+        problems=table,
+        problem_count=problems.count,
+        problem_columns=problems.by_column,
+        setting_values=pa.concat_tables(setting_chunks),
     )
 
 
-def _check_unique(ids: pa.ChunkedArray) -> None:
+def _setting_values(table: pa.Table) -> pa.Table:
+    """The per-row settings as float64 columns (nulls: the job's default), for the plan's summary."""
+    columns = [
+        pc.cast(table.column(c), pa.float64()) if c in table.column_names else pa.nulls(table.num_rows, pa.float64())
+        for c in SETTING_COLUMNS
+    ]
+    return pa.table(columns, names=list(SETTING_COLUMNS))
+
+
+def _reject_duplicates(
+    ids: pa.ChunkedArray,
+    rejected: np.ndarray,
+    problems: _Problems,
+    file_uris: list[str],
+    file_starts: np.ndarray,
+) -> None:
+    """Every occurrence of an id after its first good one is a bad row (`duplicate id`)."""
     counts = pc.value_counts(ids)
-    duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    if len(duplicated):
-        sample = ", ".join(repr(v) for v in duplicated[:5].to_pylist())
-        raise ManifestError(
-            f"{len(duplicated)} id(s) appear more than once (e.g. {sample}); ids must be unique across the manifest",
-            column="id",
+    values, times = counts.field("values"), counts.field("counts")
+    duplicated = pc.filter(values, pc.and_(pc.greater(times, 1), pc.is_valid(values)))
+    if not len(duplicated):
+        return
+    positions = np.flatnonzero(_bools(pc.is_in(ids, value_set=duplicated)) & ~rejected)
+    first_seen: dict[str, int] = {}
+    later: list[tuple[int, str, int]] = []
+    for position, value in zip(positions, pc.take(ids, pa.array(positions)).to_pylist(), strict=True):
+        if value in first_seen:
+            later.append((int(position), value, first_seen[value]))
+        else:
+            first_seen[value] = int(position)
+    if not later:
+        return
+
+    def where(position: int) -> tuple[int, int]:
+        index = int(np.searchsorted(file_starts, position, side="right")) - 1
+        return index, position - int(file_starts[index])
+
+    for at, value, first in later:
+        rejected[at] = True
+        index, row = where(at)
+        first_index, first_row = where(first)
+        problems.add(
+            file_uris[index],
+            np.array([row]),
+            [value],
+            ["id"],
+            [f"duplicate id (first at file {file_uris[first_index]}, row {first_row})"],
+            [None],
+            [None],
         )

@@ -8,31 +8,34 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import __version__
 from pipeline.builder import build_dataset, model_info
 from pipeline.errors import SdxlBatchError, StorageError
 from pipeline.io import filesystem, full_uri, join, write_bytes
-from pipeline.ledger import check_fingerprint, clear_output, read_done_ids, settings_fingerprint
-from pipeline.manifest import Fragment, ManifestPlan, plan_manifest
-from pipeline.models.presets import check_job_settings, get_preset
-from pipeline.settings import SettingDefaults
+from pipeline.ledger import clear_output
 from pipeline.stats import JobStats
+from pipeline.validate import (
+    JOB_RECORD,
+    REJECTS_DIR,
+    STATS_FILE,
+    JobPlan,
+    plan_job,
+    raise_for_bad_rows,
+    write_rejects,
+)
 from pipeline.writer import METADATA_DIR
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
 logger = logging.getLogger(__name__)
-JOB_RECORD = "job.json"
-STATS_FILE = "stats.json"
 
 
 @dataclass(frozen=True)
@@ -107,16 +110,6 @@ def _write_json(fs: Any, path: str, record: dict[str, Any]) -> None:
         raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from None
 
 
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    if not fs.exists(path):
-        return None
-    try:
-        record: dict[str, Any] = json.loads(fs.cat_file(path))
-    except ValueError:
-        return None
-    return record
-
-
 def read_slice_rows(remaining: int, config: JobConfig) -> int:
     """Rows per read task: enough tasks that every actor has several to work on, few enough that
     scheduling stays cheap. An actor task handles one whole slice and emits its images when done,
@@ -129,23 +122,20 @@ def read_slice_rows(remaining: int, config: JobConfig) -> int:
     return -(-rows // batch) * batch
 
 
-def _pending(plan: ManifestPlan, done: pa.ChunkedArray, config: JobConfig) -> tuple[list[Fragment], int]:
-    """Slices of the manifest that still hold unfinished rows, and how many rows are unfinished."""
-    finished = (
-        pc.is_in(plan.ids, value_set=done.combine_chunks()).to_numpy(zero_copy_only=False)
-        if len(done)
-        else np.zeros(plan.total_rows, dtype=bool)
-    )
-    remaining = plan.total_rows - int(finished.sum())
-    rows = read_slice_rows(remaining, config)
-    fragments, offset = [], 0
-    for row_group in plan.fragments:
+def pending_slices(job: JobPlan) -> list[dict[str, Any]]:
+    """Read tasks for the rows still to render: each a manifest slice plus the indices inside it
+    to `skip` (rows already done, and rejected rows). Slices with nothing left are dropped."""
+    pending = job.pending
+    rows = read_slice_rows(int(pending.sum()), job.config)
+    tasks, offset = [], 0
+    for row_group in job.manifest.fragments:
         for piece in row_group.split(rows):
             start = offset + piece.start
-            if not finished[start : start + piece.num_rows].all():
-                fragments.append(piece)
+            todo = pending[start : start + piece.num_rows]
+            if todo.any():
+                tasks.append({**asdict(piece), "skip": np.flatnonzero(~todo).tolist()})
         offset += row_group.num_rows
-    return fragments, remaining
+    return tasks
 
 
 def run_job(
@@ -153,45 +143,50 @@ def run_job(
 ) -> JobResult:
     """Render every unfinished row of the manifest into the output; returns where the results are.
 
-    Rows that committed parts already list are skipped before they reach a GPU (resume and
-    incremental runs); `overwrite` discards the output's previous results first.
+    The job is validated first (`plan_job`), before Ray starts. Rows that committed parts
+    already list are skipped before they reach a GPU (resume and incremental runs); bad rows
+    stop the job or, with `on_bad_row: skip`, go to rejects/; `overwrite` discards the output's
+    previous results first.
     """
     start = time.perf_counter()
     started_at = _now()
-    preset = get_preset(config.model.preset)
-    defaults = SettingDefaults.from_config(config.generation, preset)
-    check_job_settings(preset, steps=defaults.steps, guidance_scale=defaults.guidance_scale)
-    plan = plan_manifest(config.manifest, config.storage)
+    job = plan_job(config, overwrite=overwrite)
+    raise_for_bad_rows(job)
+    plan = job.manifest
     fs, root = filesystem(config.output, config.storage)
-    output = full_uri(fs, root)
     if overwrite:
         clear_output(config)
-    fingerprint = settings_fingerprint(config)
-    done = read_done_ids(config)
-    if len(done):
-        check_fingerprint((_read_json(fs, join(root, JOB_RECORD)) or {}).get("fingerprint"), fingerprint, output)
-    fragments, remaining = _pending(plan, done, config)
+    rejects = write_rejects(job)
+    if plan.problem_count:
+        logger.warning(
+            "skipping %d bad row(s) of the manifest (on_bad_row: skip); they are listed with their reasons in %s",
+            plan.problem_count,
+            join(job.output, REJECTS_DIR),
+        )
+    tasks = pending_slices(job)
+    remaining = job.pending_rows
     _write_json(fs, join(root, JOB_RECORD), {
         "version": __version__,
         "started_at": started_at,
-        "fingerprint": fingerprint,
+        "fingerprint": job.fingerprint,
         "manifest_files": plan.files,
         "manifest_rows": plan.total_rows,
         "config": config.model_dump(mode="json"),  # SecretStr fields dump as '**********'
     })  # fmt: skip
     stats = JobStats()
     if remaining:
-        logger.info(
-            "%d of %d rows to render (%d already done)", remaining, plan.total_rows, plan.total_rows - remaining
-        )
-        _execute(config, fragments, done, remaining, stats, ray_address=ray_address, progress=progress)
+        logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
+        _execute(config, tasks, remaining, stats, ray_address=ray_address, progress=progress)
     wall = time.perf_counter() - start
     model = model_info(config)
     record = stats.to_dict(
         wall_seconds=wall,
         manifest_rows=plan.total_rows,
         extra={
-            "rows_done_before": plan.total_rows - remaining,
+            "rows_done_before": job.done_rows,
+            "rows_rejected": plan.problem_count,
+            "rejected_by_column": dict(plan.problem_columns),
+            "rejects_files": len(rejects),
             "layout": config.write.layout,
             "image_format": config.generation.image_format,
             "model": model.model,
@@ -204,23 +199,26 @@ def run_job(
     )
     _write_json(fs, join(root, STATS_FILE), record)
     return JobResult(
-        output=output, rows=stats.rows, wall_seconds=wall, images_per_second=record["images_per_second"], stats=record
+        output=job.output,
+        rows=stats.rows,
+        wall_seconds=wall,
+        images_per_second=record["images_per_second"],
+        stats=record,
     )
 
 
 def _execute(
     config: JobConfig,
-    fragments: list[Fragment],
-    done: pa.ChunkedArray,
+    tasks: list[dict[str, Any]],
     remaining: int,
     stats: JobStats,
     *,
     ray_address: str | None,
     progress: bool,
 ) -> None:
-    """Stream the Ray Data graph over the pending fragments, counting parts as they commit."""
+    """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
     init_ray(ray_address)
-    dataset = build_dataset(config, fragments, done.combine_chunks() if len(done) else None)
+    dataset = build_dataset(config, tasks)
     with _progress_bar(remaining, enabled=progress) as bar:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -46,19 +46,6 @@ def fill_settings(table: pa.Table, defaults: SettingDefaults) -> pa.Table:
     return table
 
 
-def check_row_settings(table: pa.Table, preset: Preset, fragment_uri: str, row_offset: int) -> None:
-    """Reject rows whose own steps/guidance the preset's authors document as harmful or impossible."""
-    from pipeline.errors import ManifestError
-
-    pairs = zip(table.column("steps").to_pylist(), table.column("guidance_scale").to_pylist(), strict=True)
-    for index, (steps, guidance) in enumerate(pairs):
-        reason = preset.check_settings(steps=int(steps), guidance_scale=float(guidance))
-        if reason:
-            raise ManifestError(
-                f"{reason}; fix the row's steps/guidance_scale", file=fragment_uri, row=row_offset + index
-            )
-
-
 def group_by_settings(table: pa.Table) -> dict[RenderSettings, list[int]]:
     """Row indices of `table` grouped by identical render settings, in first-seen order.
 

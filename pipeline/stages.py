@@ -12,12 +12,12 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.encoding import encode_batch
 from pipeline.manifest import Fragment, read_fragment
 from pipeline.models.presets import get_preset
-from pipeline.settings import SettingDefaults, check_row_settings, fill_settings, group_by_settings
+from pipeline.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.validate import rules_for
 from pipeline.writer import ModelInfo, PartWriter
 
 if TYPE_CHECKING:
@@ -33,27 +33,25 @@ def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> No
 
 
 class ReadManifest:
-    """Fragment descriptions → manifest rows with every render setting resolved."""
+    """Read tasks (a manifest slice and the rows in it to skip) → manifest rows with every render
+    setting resolved."""
 
-    needs = tuple(f.name for f in fields(Fragment))  # every field: a slice without `start` re-reads row 0
+    needs = (*(f.name for f in fields(Fragment)), "skip")  # every field: a slice without `start` re-reads row 0
 
-    def __init__(self, config: JobConfig, defaults: SettingDefaults, done: pa.Array | None = None):
+    def __init__(self, config: JobConfig, defaults: SettingDefaults):
         self.storage = config.storage
         self.defaults = defaults
-        self.preset = get_preset(config.model.preset)
-        self.done = done
+        self.rules = rules_for(get_preset(config.model.preset))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("read", batch, self.needs)
         tables = []
         for row in batch.select(list(self.needs)).to_pylist():
+            skip = row.pop("skip") or []
             fragment = Fragment(**row)
-            table = read_fragment(fragment, self.storage)
-            if self.done is not None:  # resume: finished rows never reach a GPU
-                table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=self.done)))
-            table = fill_settings(table, self.defaults)
-            check_row_settings(table, self.preset, fragment.uri, fragment.row_offset)
-            tables.append(table)
+            # Done rows (resume) and rejected rows never reach a GPU.
+            table = read_fragment(fragment, self.storage, rules=self.rules, reject=skip)
+            tables.append(fill_settings(table, self.defaults))
         return pa.concat_tables(tables, promote_options="permissive")
 
 

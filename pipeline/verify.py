@@ -16,11 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.io import filesystem, join
-from pipeline.manifest import plan_manifest
+from pipeline.manifest import ManifestPlan, plan_manifest
+from pipeline.validate import REJECTS_DIR
 from pipeline.writer import METADATA_DIR
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ class VerifyReport:
     checked_images: int = 0
     orphan_images: int = 0
     manifest_rows: int | None = None
+    rejected_rows: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -57,6 +61,7 @@ class VerifyReport:
         ]
         if self.manifest_rows is not None:
             lines.append(f"manifest rows:    {self.manifest_rows}")
+            lines.append(f"rejected rows:    {self.rejected_rows} (listed in rejects/ with their reason; not rendered)")
         lines.append("OK: every row exactly once" if self.ok else "PROBLEMS:")
         lines.extend(f"  - {problem}" for problem in self.problems)
         return "\n".join(lines)
@@ -118,6 +123,20 @@ def _check_tars(fs: Any, root: str, rows: list[dict[str, Any]], report: VerifyRe
     report.checked_images += len(rows)
 
 
+def _rejected_mask(fs: Any, root: str, plan: ManifestPlan) -> np.ndarray:
+    """Manifest rows that rejects/ lists (matched by file and row): skipped, so not missing."""
+    mask = np.zeros(plan.total_rows, dtype=bool)
+    folder = join(root, REJECTS_DIR)
+    if not fs.exists(folder):
+        return mask
+    rejects = pads.dataset(folder, format="parquet", filesystem=fs).to_table(columns=["file", "row"])
+    starts = dict(zip(plan.files, np.cumsum([0, *plan.file_rows[:-1]]).tolist(), strict=True))
+    for file, row in zip(rejects.column("file").to_pylist(), rejects.column("row").to_pylist(), strict=True):
+        if file in starts and row is not None and 0 <= row < plan.total_rows - starts[file]:
+            mask[starts[file] + row] = True
+    return mask
+
+
 def verify_output(output: str, *, manifest: str | None = None, storage: StorageConfig | None = None) -> VerifyReport:
     fs, root = filesystem(output, storage)
     report = VerifyReport()
@@ -141,11 +160,11 @@ def verify_output(output: str, *, manifest: str | None = None, storage: StorageC
     if manifest is not None:
         plan = plan_manifest(manifest, storage)
         report.manifest_rows = plan.total_rows
+        rejected = _rejected_mask(fs, root, plan)
+        report.rejected_rows = int(rejected.sum())
         present = pc.unique(table.column("id"))
-        report.add(
-            "manifest id missing from the output",
-            pc.filter(plan.ids, pc.invert(pc.is_in(plan.ids, present))).to_pylist(),
-        )
+        missing = pc.and_(pc.invert(pc.is_in(plan.ids, present)), pa.array(~rejected))
+        report.add("manifest id missing from the output", pc.filter(plan.ids, missing).to_pylist())
         report.add(
             "output id not in the manifest", pc.filter(present, pc.invert(pc.is_in(present, plan.ids))).to_pylist()
         )

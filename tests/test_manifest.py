@@ -91,18 +91,28 @@ def test_mistyped_column(tmp_path: Path) -> None:
 def test_bad_rows_are_reported_with_row_and_column(
     tmp_path: Path, rows: list[dict[str, Any]], column: str, row: int
 ) -> None:
-    message = _expect_error(tmp_path, rows, match=f"row {row}, column '{column}'")
-    assert "bad.parquet" in message
+    plan = _plan(tmp_path, rows)
+    assert plan.problem_count == 1 and plan.rejected.tolist() == [i == row for i in range(len(rows))]
+    assert f"bad.parquet, row {row}, column '{column}'" in plan.problem_lines()[0]
+
+
+def _plan(tmp_path: Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> Any:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return plan_manifest(str(path), keep_problems=True)
 
 
 def test_seed_above_int63_in_uint64_column(tmp_path: Path) -> None:
     schema = pa.schema([("prompt", pa.string()), ("seed", pa.uint64())])
-    _expect_error(tmp_path, [{"prompt": "p", "seed": 2**63}], match="2\\*\\*63", schema=schema)
+    plan = _plan(tmp_path, [{"prompt": "p", "seed": 2**63 - 1}, {"prompt": "p", "seed": 2**63}], schema)
+    assert plan.rejected.tolist() == [False, True] and "2**63" in plan.problem_lines()[0]
 
 
-def test_duplicate_ids(tmp_path: Path) -> None:
-    rows = [{"id": "a", "prompt": "p", "seed": 1}, {"id": "a", "prompt": "q", "seed": 2}]
-    _expect_error(tmp_path, rows, match="appear more than once")
+def test_duplicate_ids_keep_the_first_occurrence(tmp_path: Path) -> None:
+    rows = [{"id": i, "prompt": "p", "seed": 1} for i in ("a", "b", "a", "c", "a")]
+    plan = _plan(tmp_path, rows)
+    assert plan.rejected.tolist() == [False, False, True, False, True]
+    assert all("duplicate id (first at file" in line and "row 0)" in line for line in plan.problem_lines())
 
 
 def test_reserved_column(tmp_path: Path) -> None:
@@ -146,5 +156,7 @@ def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
     slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
     config = JobConfig.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o")})
     stage = ReadManifest(config, SettingDefaults(128, 128, 4, 0.0))
-    ids = [i for s in slices for i in stage(pa.Table.from_pylist([asdict(s)])).column("id").to_pylist()]
+    ids = [
+        i for s in slices for i in stage(pa.Table.from_pylist([{**asdict(s), "skip": []}])).column("id").to_pylist()
+    ]
     assert ids == plan.ids.to_pylist()

@@ -59,15 +59,3 @@ def test_rows_batch_only_with_compatible_rows() -> None:
         RenderSettings(128, 128, 4, 2.0, negative=True): [4],
         RenderSettings(128, 128, 4, 2.0, negative=False): [5],
     }
-
-
-def test_rows_with_unsupported_settings_are_rejected_with_their_row() -> None:
-    import pytest
-
-    from pipeline.errors import ManifestError
-    from pipeline.settings import check_row_settings
-
-    table = fill_settings(_table([{}, {"steps": 8}]), SettingDefaults(1024, 1024, 4, 0.0))
-    with pytest.raises(ManifestError, match=r"m\.parquet, row 11: preset lightning-4step takes 4 steps, not 8"):
-        check_row_settings(table, get_preset("lightning-4step"), "m.parquet", 10)
-    check_row_settings(table, get_preset("sdxl-base"), "m.parquet", 10)

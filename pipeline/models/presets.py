@@ -52,6 +52,10 @@ class Preset:
     height: int = 1024
     steps_range: tuple[int, int] = (1, 150)
     guidance_range: tuple[float, float] = (0.0, 30.0)
+    # SDXL was trained on aspect-ratio buckets from 512x2048 to 2048x512; past 2048 px a side the
+    # attention memory grows quadratically and the models repeat subjects; under 64 px the latent
+    # is smaller than 8x8. Widths and heights must also be multiples of 8 (the VAE's factor).
+    size_range: tuple[int, int] = (64, 2048)
     limits_reason: str = ""
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     licence: str = "CreativeML Open RAIL++-M"
@@ -78,6 +82,16 @@ class Preset:
                 f"preset {self.name} takes guidance {g_low:g} to {g_high:g}, not {guidance_scale:g}: "
                 f"{self.limits_reason}"
             )
+        return None
+
+    def check_size(self, *, width: int, height: int) -> str | None:
+        """The reason this image size is outside what the model renders, or None."""
+        low, high = self.size_range
+        for name, value in (("width", width), ("height", height)):
+            if value % 8:
+                return f"{name} {value} is not a multiple of 8"
+            if not low <= value <= high:
+                return f"preset {self.name} renders {name}s from {low} to {high} px, not {value}"
         return None
 
 
@@ -148,6 +162,7 @@ _PRESETS: list[Preset] = [
         scheduler_config=dict(TRAILING),
         width=128,
         height=128,
+        size_range=(8, 2048),
         licence="Apache-2.0 (generated)",
         fp16_fix_vae=False,
     ),
@@ -258,8 +273,14 @@ def get_preset(name: str) -> Preset:
         raise ModelError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def check_job_settings(preset: Preset, *, steps: int, guidance_scale: float) -> None:
+def check_job_settings(
+    preset: Preset, *, steps: int, guidance_scale: float, width: int | None = None, height: int | None = None
+) -> None:
     """Reject a job whose default settings the model's authors document as harmful or impossible."""
     reason = preset.check_settings(steps=steps, guidance_scale=guidance_scale)
     if reason:
         raise ConfigError(f"{reason}. Change generation.steps / generation.guidance_scale or pick another preset.")
+    if width is not None and height is not None:
+        reason = preset.check_size(width=width, height=height)
+        if reason:
+            raise ConfigError(f"{reason}. Change generation.width / generation.height.")
