@@ -178,6 +178,7 @@ def run_job(
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
         _execute(config, tasks, remaining, stats, ray_address=ray_address, progress=progress)
     wall = time.perf_counter() - start
+    _warn_about_limits(stats)
     model = model_info(config)
     record = stats.to_dict(
         wall_seconds=wall,
@@ -205,6 +206,24 @@ def run_job(
         images_per_second=record["images_per_second"],
         stats=record,
     )
+
+
+def _warn_about_limits(stats: JobStats) -> None:
+    """One warning per kind for the whole job, with counts (the metadata has the per-row record)."""
+    if stats.prompts_truncated or stats.negative_prompts_truncated:
+        logger.warning(
+            "%d prompt(s) and %d negative prompt(s) were longer than the text encoders' 77-token limit and were "
+            "truncated (metadata columns prompt_truncated / prompt_tokens)",
+            stats.prompts_truncated,
+            stats.negative_prompts_truncated,
+        )
+    if stats.oom_retries:
+        logger.warning(
+            "out of memory %d time(s): batches were split and retried, down to %d images per model call; "
+            "a smaller generation.batch_size avoids the retries",
+            stats.oom_retries,
+            stats.min_render_batch_size,
+        )
 
 
 def _execute(

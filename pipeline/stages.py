@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
 logger = logging.getLogger(__name__)
+OOM_RETRIES = "oom_retries"  # a per-call count carried to the writer's summary, not to the metadata
 
 
 def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> None:
@@ -73,20 +74,35 @@ class GenerateImages:
         n = batch.num_rows
         pixels: list[bytes] = [b""] * n
         seconds = [0.0] * n
+        call_sizes = [0] * n
         prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
+        retries_before = self.generator.oom_retries
         for settings, indices in group_by_settings(batch).items():
             start = time.perf_counter()
-            images = self.generator.generate(
+            images, sizes = self.generator.render(
                 [prompts[i] for i in indices], [negatives[i] for i in indices], [seeds[i] for i in indices], settings
             )
             per_image = (time.perf_counter() - start) / len(indices)
-            for image, i in zip(images, indices, strict=True):
-                pixels[i], seconds[i] = image.tobytes(), per_image
-        batch = batch.append_column("pixels", pa.array(pixels, pa.large_binary()))
-        batch = batch.append_column("generation_seconds", pa.array(seconds, pa.float64()))
-        batch = batch.append_column("peak_memory_mb", pa.array([self.generator.peak_memory_mb()] * n, pa.float64()))
-        batch = batch.append_column("node", pa.array([self.node] * n, pa.string()))
-        return batch.append_column("actor", pa.array([self.actor] * n, pa.string()))
+            for image, size, i in zip(images, sizes, indices, strict=True):
+                pixels[i], seconds[i], call_sizes[i] = image.tobytes(), per_image, size
+        prompt_tokens, limit = self.generator.token_counts(prompts)
+        negative_tokens, _ = self.generator.token_counts(negatives)
+        columns = {
+            "pixels": pa.array(pixels, pa.large_binary()),
+            "generation_seconds": pa.array(seconds, pa.float64()),
+            "render_batch_size": pa.array(call_sizes, pa.int32()),
+            "prompt_tokens": pa.array(prompt_tokens, pa.int32()),
+            "prompt_truncated": pa.array([t > limit for t in prompt_tokens], pa.bool_()),
+            "negative_prompt_truncated": pa.array([t > limit for t in negative_tokens], pa.bool_()),
+            "peak_memory_mb": pa.array([self.generator.peak_memory_mb()] * n, pa.float64()),
+            "node": pa.array([self.node] * n, pa.string()),
+            "actor": pa.array([self.actor] * n, pa.string()),
+            # Out-of-memory retries of this call, counted once (on its first row) for the stats.
+            OOM_RETRIES: pa.array([self.generator.oom_retries - retries_before] + [0] * (n - 1), pa.int32()),
+        }
+        for name, column in columns.items():
+            batch = batch.append_column(name, column)
+        return batch
 
 
 def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:

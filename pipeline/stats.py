@@ -19,6 +19,10 @@ class JobStats:
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    oom_retries: int = 0
+    prompts_truncated: int = 0
+    negative_prompts_truncated: int = 0
+    min_render_batch_size: int = 0
     per_actor: Counter[str] = field(default_factory=Counter)
     per_node: Counter[str] = field(default_factory=Counter)
 
@@ -30,6 +34,12 @@ class JobStats:
         self.encode_seconds += float(summary["encode_seconds"])
         self.write_seconds += float(summary["write_seconds"])
         self.peak_memory_mb = max(self.peak_memory_mb, float(summary["peak_memory_mb"]))
+        self.oom_retries += int(summary.get("oom_retries", 0))
+        self.prompts_truncated += int(summary.get("prompts_truncated", 0))
+        self.negative_prompts_truncated += int(summary.get("negative_prompts_truncated", 0))
+        smallest = int(summary.get("min_render_batch_size", 0))
+        if smallest:
+            self.min_render_batch_size = min(self.min_render_batch_size or smallest, smallest)
         self.per_actor.update(json.loads(summary["actors"]))
         self.per_node.update(json.loads(summary["nodes"]))
 
@@ -49,6 +59,10 @@ class JobStats:
             },
             "seconds_per_image": round(self.generation_seconds / self.rows, 4) if self.rows else 0.0,
             "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "oom_retries": self.oom_retries,
+            "min_render_batch_size": self.min_render_batch_size,
+            "prompts_truncated": self.prompts_truncated,
+            "negative_prompts_truncated": self.negative_prompts_truncated,
             "rows_per_actor": dict(self.per_actor),
             "rows_per_node": dict(self.per_node),
             **extra,

@@ -36,8 +36,10 @@ SHARDS_DIR = "shards"
 METADATA_COLUMNS = (
     "id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
     "model", "scheduler", "weights", "image_path", "tar_member", "sha256", "bytes",
+    "prompt_tokens", "prompt_truncated", "negative_prompt_truncated", "render_batch_size",
     "generation_seconds", "encode_seconds", "peak_memory_mb", "node", "actor",
 )  # fmt: skip
+SUMMARY_ONLY_COLUMNS = ("oom_retries",)  # counted in the part's summary, not written per row
 
 
 def part_name(ids: list[str]) -> str:
@@ -80,7 +82,9 @@ class PartWriter:
         ids: list[str] = batch.column("id").to_pylist()
         name = part_name(ids)
         images: list[bytes] = batch.column("image").to_pylist()
-        table = self._metadata(batch.drop_columns(["image"]), ids, name)
+        counts = {c: int(sum(batch.column(c).to_pylist())) for c in SUMMARY_ONLY_COLUMNS if c in batch.column_names}
+        dropped = ["image", *(c for c in SUMMARY_ONLY_COLUMNS if c in batch.column_names)]
+        table = self._metadata(batch.drop_columns(dropped), ids, name)
         if self.layout == "webdataset":
             self._write_tar(name, table, images)
         else:
@@ -88,7 +92,7 @@ class PartWriter:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         write_bytes(self.fs, join(self.root, METADATA_DIR, f"{name}.parquet"), buffer.getvalue())
-        return self._summary(name, table, time.perf_counter() - start)
+        return {**self._summary(name, table, time.perf_counter() - start), **counts}
 
     def _metadata(self, batch: pa.Table, ids: list[str], name: str) -> pa.Table:
         n = batch.num_rows
@@ -142,6 +146,15 @@ class PartWriter:
             "encode_seconds": total("encode_seconds"),
             "write_seconds": write_seconds,
             "peak_memory_mb": float(max(table.column("peak_memory_mb").to_pylist(), default=0.0)),
+            "prompts_truncated": int(total("prompt_truncated")) if "prompt_truncated" in table.column_names else 0,
+            "negative_prompts_truncated": (
+                int(total("negative_prompt_truncated")) if "negative_prompt_truncated" in table.column_names else 0
+            ),
+            "min_render_batch_size": (
+                int(min(table.column("render_batch_size").to_pylist()))
+                if "render_batch_size" in table.column_names
+                else 0
+            ),
             "actors": json.dumps(Counter(table.column("actor").to_pylist())),
             "nodes": json.dumps(Counter(table.column("node").to_pylist())),
         }

@@ -88,8 +88,23 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     logging.getLogger("diffusers.loaders.lora_base").setLevel(logging.ERROR)
     logging.getLogger("diffusers.loaders.lora_pipeline").setLevel(logging.ERROR)
+    # diffusers warns about every truncated prompt, in every batch; the stage records truncation
+    # per row instead (metadata `prompt_truncated`) and the driver warns once with a count.
+    logging.getLogger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an accelerator (or host) allocation failure, which a smaller batch may avoid."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in message.lower() or "can't allocate memory" in message
+    )
 
 
 class ImageGenerator:
@@ -103,6 +118,9 @@ class ImageGenerator:
         self.device = "cpu"
         self.dtype: Any = None
         self.cache_dir = default_cache_dir(model.cache_dir)
+        # Largest model call that fits: None until an out-of-memory error lowers it.
+        self.max_batch: int | None = None
+        self.oom_retries = 0
 
     @property
     def model_name(self) -> str:
@@ -216,6 +234,73 @@ class ImageGenerator:
         import resource
 
         return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024  # Linux reports KiB
+
+    def token_counts(self, texts: list[str | None]) -> tuple[list[int], int]:
+        """Tokens of each text as the text encoders see it (with start/end tokens; 0 for None),
+        and the encoders' limit (77 for SDXL's CLIP encoders). Longer texts are truncated by the
+        pipeline: SDXL and its distilled variants were trained on 77-token prompts."""
+        if self.pipe is None:
+            raise RuntimeError("ImageGenerator.token_counts() called before load()")
+        tokenizer = self.pipe.tokenizer or self.pipe.tokenizer_2
+        present = [t for t in texts if t]
+        ids = tokenizer(present, truncation=False, padding=False)["input_ids"] if present else []
+        lengths = iter(len(i) for i in ids)
+        return [next(lengths) if t else 0 for t in texts], int(tokenizer.model_max_length)
+
+    def render(
+        self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], settings: RenderSettings
+    ) -> tuple[np.ndarray, list[int]]:
+        """Render rows in model calls that fit in memory; returns the pixels and, per row, the
+        size of the call that rendered it.
+
+        On an out-of-memory error the call is split in half and retried, and the actor keeps the
+        smaller size for later calls (`max_batch`, `oom_retries`). Each image depends only on its
+        own seed, so splitting does not change the images. A single image that does not fit
+        stops the job with a ModelError.
+        """
+        import numpy as np
+
+        images: list[np.ndarray] = []
+        sizes: list[int] = []
+        start = 0
+        while start < len(prompts):
+            size = min(self.max_batch or len(prompts), len(prompts) - start)
+            end = start + size
+            try:
+                pixels = self.generate(prompts[start:end], negative_prompts[start:end], seeds[start:end], settings)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._free_memory()
+                self.oom_retries += 1
+                if size == 1:
+                    raise ModelError(
+                        f"one {settings.width}x{settings.height} image does not fit in the {self.device} memory of "
+                        f"this actor ({type(error).__name__}); lower the resolution, use a 16-bit model.dtype, or "
+                        "give each actor a whole GPU (resources.gpus_per_actor: 1)"
+                    ) from None
+                self.max_batch = size // 2
+                logger.warning(
+                    "out of memory rendering %d images at %dx%d: retrying in calls of %d",
+                    size,
+                    settings.width,
+                    settings.height,
+                    self.max_batch,
+                )
+                continue
+            images.append(pixels)
+            sizes.extend([size] * size)
+            start = end
+        return np.concatenate(images), sizes
+
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], settings: RenderSettings

@@ -122,3 +122,61 @@ def test_hub_ids_resolve_offline_from_the_cache(tiny_hub: Path, model_cache: Pat
     message = str(info.value)
     assert "sdxl_lightning_16step_unet.safetensors from hub repo ByteDance/SDXL-Lightning" in message
     assert "HF_HUB_OFFLINE" in message
+
+
+class _RunsOutOfMemoryAbove:
+    """Stands in for the pipeline: raises CUDA's out-of-memory error for calls over `limit` images."""
+
+    def __init__(self, pipe: object, limit: int):
+        self.pipe, self.limit, self.calls = pipe, limit, []  # type: list[int]
+
+    def __call__(self, *, prompt: list[str], **kwargs: object) -> object:
+        self.calls.append(len(prompt))
+        if len(prompt) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({len(prompt)} images)")
+        return self.pipe(prompt=prompt, **kwargs)  # type: ignore[operator]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pipe, name)
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(tiny_generator: ImageGenerator) -> None:
+    prompts, seeds = PROMPTS + ["a fifth prompt"], SEEDS + [11]
+    expected = tiny_generator.generate(prompts, [None] * 5, seeds, SETTINGS)
+    real_pipe = tiny_generator.pipe
+    tiny_generator.pipe = _RunsOutOfMemoryAbove(real_pipe, limit=2)
+    try:
+        images, sizes = tiny_generator.render(prompts, [None] * 5, seeds, SETTINGS)
+        assert tiny_generator.pipe.calls == [5, 2, 2, 1]  # one failed call, then halves that fit
+        assert sizes == [2, 2, 2, 2, 1] and tiny_generator.oom_retries == 1 and tiny_generator.max_batch == 2
+        assert _max_diff(images, expected) <= 2  # splitting does not change the images
+        tiny_generator.render(prompts[:4], [None] * 4, seeds[:4], SETTINGS)
+        assert tiny_generator.pipe.calls[4:] == [2, 2] and tiny_generator.oom_retries == 1  # no new failures
+
+        tiny_generator.pipe = _RunsOutOfMemoryAbove(real_pipe, limit=0)
+        with pytest.raises(ModelError, match="one 128x128 image does not fit in the cpu memory"):
+            tiny_generator.render(prompts[:1], [None], seeds[:1], SETTINGS)
+    finally:
+        tiny_generator.pipe, tiny_generator.max_batch, tiny_generator.oom_retries = real_pipe, None, 0
+
+
+def test_other_errors_are_not_retried(tiny_generator: ImageGenerator) -> None:
+    real_pipe = tiny_generator.pipe
+
+    def broken(**kwargs: object) -> None:
+        raise ValueError("not a memory problem")
+
+    tiny_generator.pipe = broken
+    try:
+        with pytest.raises(ValueError, match="not a memory problem"):
+            tiny_generator.render(PROMPTS, [None] * 4, SEEDS, SETTINGS)
+        assert tiny_generator.oom_retries == 0 and tiny_generator.max_batch is None
+    finally:
+        tiny_generator.pipe = real_pipe
+
+
+def test_token_counts_flag_prompts_over_the_clip_limit(tiny_generator: ImageGenerator) -> None:
+    long_prompt = " ".join(["a red dog"] * 40)
+    counts, limit = tiny_generator.token_counts(["a red dog", long_prompt, None, ""])
+    assert limit == 77
+    assert 3 <= counts[0] <= 10 and counts[1] > 77 and counts[2:] == [0, 0]
