@@ -86,7 +86,8 @@ class JobPlan:
 
     @property
     def done_rows(self) -> int:
-        return int(self.finished.sum())
+        """Good rows already in the output (a rejected duplicate of a done id is not counted)."""
+        return int((self.finished & ~self.manifest.rejected).sum())
 
     def render_groups(self) -> list[tuple[tuple[int, int, int, float], int]]:
         """(width, height, steps, guidance) of the rows still to render, with their counts."""
