@@ -8,12 +8,13 @@ naming the key's path rather than a silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
+from pipeline.models.weights import weights_source_problem
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 Layout = Literal["files", "webdataset"]
@@ -22,12 +23,26 @@ Device = Literal["auto", "cpu", "cuda"]
 OnBadRow = Literal["fail", "skip"]
 
 
+def _weights_source(value: str) -> str:
+    """Weights come from the hub, local disk or s3:// only: other URL schemes are refused here,
+    before anything starts (and again where weights are resolved)."""
+    problem = weights_source_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+WeightsSource = Annotated[str, AfterValidator(_weights_source)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LoraConfig(_Section):
-    path: str = Field(description="LoRA weights: `hf://ORG/REPO/FILE`, a local .safetensors file or an s3:// URI.")
+    path: WeightsSource = Field(
+        description="LoRA weights: `hf://ORG/REPO/FILE`, a local .safetensors file or an s3:// URI."
+    )
     weight: float = Field(default=1.0, ge=-4.0, le=4.0, description="Adapter weight (scale) of this LoRA.")
 
 
@@ -36,21 +51,21 @@ class ModelConfig(_Section):
         default="tiny",
         description="Model preset (see `sdxl-batch models`): pins weights, scheduler and defaults.",
     )
-    path: str | None = Field(
+    path: WeightsSource | None = Field(
         default=None,
         description=(
             "Base pipeline: a Hugging Face hub id, a local diffusers-format folder, or an object-store "
             "URI of one (copied once per node into the local cache). Defaults to the preset's own."
         ),
     )
-    unet: str | None = Field(
+    unet: WeightsSource | None = Field(
         default=None,
         description=(
             "UNet weights replacing the base pipeline's: `hf://ORG/REPO/FILE.safetensors`, a local "
             ".safetensors file or an object-store URI. Defaults to the preset's own (if any)."
         ),
     )
-    lora: str | None = Field(
+    lora: WeightsSource | None = Field(
         default=None,
         description="Replaces the preset's acceleration LoRA (e.g. a local or s3:// mirror of the same file).",
     )
@@ -62,7 +77,7 @@ class ModelConfig(_Section):
         default=True,
         description="Fuse LoRAs into the weights at load, so steady-state cost equals the full model's.",
     )
-    vae: str | None = Field(
+    vae: WeightsSource | None = Field(
         default=None,
         description="VAE replacing the pipeline's: hub id, local folder or object-store URI of an AutoencoderKL.",
     )
@@ -170,7 +185,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set generation.batch_size=8")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:  # the value is not echoed: it may be a secret
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML: {_yaml_problem(error)}") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -180,10 +199,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
             node = child
         node[path[-1]] = value
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """pyyaml's message with the line and column but without its quote of the offending line,
+    which may hold a credential."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return type(error).__name__
+    text = "; ".join(
+        part + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+        for part, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark))
+        if part
+    )
+    if isinstance(error, yaml.constructor.ConstructorError):
+        text += "; configs are plain YAML: tags that build Python objects (!!python/...) are refused"
+    return text
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    """Whether a validation error is about (a part of) a SecretStr field, whose value is never shown."""
+    model: Any = JobConfig
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        annotation = fields[part].annotation
+        if annotation is SecretStr or SecretStr in get_args(annotation):
+            return True
+        model = annotation
+    return False
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
@@ -194,6 +242,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             lines.append(f"  {where}: unknown key (check the spelling; see configs/demo.yaml for every key)")
         elif err["type"] == "missing":
             lines.append(f"  {where}: required but missing")
+        elif _is_secret(err["loc"]):
+            lines.append(f"  {where}: {err['msg']} (the value is a secret: not shown)")
         else:
             lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
@@ -218,11 +268,17 @@ def load_config(
     source = str(path) if path else "(command line)"
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"config {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8 YAML"
+            ) from None
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+            raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: expected a mapping of keys at the top level")
         data = loaded or {}

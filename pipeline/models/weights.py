@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fsspec
+
 from pipeline.errors import ModelError
 from pipeline.io import filesystem, is_remote
 from pipeline.models.presets import TINY
@@ -25,6 +27,24 @@ if TYPE_CHECKING:
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _COMPLETE = ".sdxl-batch-complete"
+# Where weights may come from. Other URL schemes (http(s)://, ftp://, gs://, chained fsspec URLs)
+# are refused rather than handed to fsspec, which would fetch from anywhere it has a driver for.
+_SCHEMES = (None, "hf", "file", "s3", "s3a")
+ACCEPTED_SOURCES = "a hub id ORG/REPO, hf://ORG/REPO or hf://ORG/REPO/FILE, a local path (or file://), or an s3:// URI"
+
+
+def weights_source_problem(ref: str) -> str | None:
+    """Why `ref` is not an accepted weights source, or None when it is one."""
+    scheme = fsspec.core.split_protocol(ref)[0]
+    if scheme in _SCHEMES and "::" not in ref:
+        return None
+    return f"{scheme}:// is not an accepted weights source; accepted: {ACCEPTED_SOURCES}"
+
+
+def check_source(ref: str) -> None:
+    problem = weights_source_problem(ref)
+    if problem:
+        raise ModelError(f"{ref!r}: {problem}")
 
 
 def default_cache_dir(configured: str | None) -> Path:
@@ -83,6 +103,7 @@ def resolve_folder(ref: str, *, storage: StorageConfig | None, cache_dir: Path, 
     `ref` is a hub id (`ORG/NAME` or `hf://ORG/NAME`), a local folder holding `marker`, or an
     object-store URI of such a folder (copied once per node into the cache).
     """
+    check_source(ref)
     if ref.startswith("hf://"):
         return ref.removeprefix("hf://").strip("/")
     if is_remote(ref):
@@ -129,6 +150,7 @@ def load_state_dict_file(path: str) -> dict[str, Any]:
 
 def resolve_weights_file(ref: str, *, storage: StorageConfig | None, cache_dir: Path) -> str:
     """A local file for a weights reference: `hf://ORG/REPO/FILE`, an object-store URI or a path."""
+    check_source(ref)
     if ref.startswith("hf://"):
         parts = ref.removeprefix("hf://").split("/")
         if len(parts) < 3:

@@ -51,7 +51,8 @@ def test_long_prompts_and_out_of_memory_in_an_actor(tmp_path: Path, model_cache:
     table = read_metadata(str(output)).sort_by("id")
     truncated = dict(zip(table.column("id").to_pylist(), table.column("prompt_truncated").to_pylist(), strict=True))
     assert {i for i, flag in truncated.items() if flag} == {"row-0002", "row-0007"}
-    assert all(t > 77 for t, flag in zip(table.column("prompt_tokens").to_pylist(), truncated.values()) if flag)
+    tokens = table.column("prompt_tokens").to_pylist()
+    assert all(t > 77 for t, flag in zip(tokens, truncated.values(), strict=True) if flag)
     assert table.column("negative_prompt_truncated").to_pylist().count(True) == 1
     assert set(table.column("render_batch_size").to_pylist()) <= {1, 2}
     assert "oom_retries" not in table.column_names  # a job-level count, not per row

@@ -141,7 +141,7 @@ class _RunsOutOfMemoryAbove:
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(tiny_generator: ImageGenerator) -> None:
-    prompts, seeds = PROMPTS + ["a fifth prompt"], SEEDS + [11]
+    prompts, seeds = [*PROMPTS, "a fifth prompt"], [*SEEDS, 11]
     expected = tiny_generator.generate(prompts, [None] * 5, seeds, SETTINGS)
     real_pipe = tiny_generator.pipe
     tiny_generator.pipe = _RunsOutOfMemoryAbove(real_pipe, limit=2)
