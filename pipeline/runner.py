@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -270,6 +271,33 @@ def user_error(error: BaseException) -> SdxlBatchError | None:
             message = str(current).split("\nFailed to apply UDF transform")[0]
             return current if message == str(current) else type(current)(message)
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return _error_in_text(error)
+
+
+_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+Error): ", re.MULTILINE)
+
+
+def _error_in_text(error: BaseException) -> SdxlBatchError | None:
+    """Our error as Ray reports an actor whose constructor failed (loading the model): Ray's
+    ActorDiedError keeps only the text of the original exception, its traceback ending with
+    `pipeline.errors.ModelError: <message>`."""
+    from pipeline import errors
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        matches = list(_ERROR_LINE.finditer(text))
+        if matches:
+            last = matches[-1]
+            kind = getattr(errors, last.group(1), None)
+            if isinstance(kind, type) and issubclass(kind, SdxlBatchError) and kind is not errors.ManifestError:
+                message = text[last.end() :].split("\nFailed to apply UDF transform")[0].strip()
+                return kind(message)
+            if kind is errors.ManifestError:
+                return SdxlBatchError(text[last.end() :].strip())
+        current = current.__cause__ or current.__context__
     return None
 
 

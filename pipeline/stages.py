@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.encoding import encode_batch
+from pipeline.errors import SdxlBatchError
 from pipeline.manifest import Fragment, read_fragment
 from pipeline.models.presets import get_preset
 from pipeline.settings import SettingDefaults, fill_settings, group_by_settings
@@ -66,10 +67,18 @@ class GenerateImages:
 
         _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.gpus_per_actor > 0)
         self.generator = ImageGenerator(config.model, config.storage)
-        self.generator.load()
+        self.load_error: SdxlBatchError | None = None
+        try:
+            self.generator.load()
+        except SdxlBatchError as error:
+            # Raised from the first batch instead: Ray reports a failed actor constructor with a
+            # traceback and retries it, while a task's error reaches the driver as itself.
+            self.load_error = error
         self.node, self.actor = _placement()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.load_error is not None:
+            raise self.load_error
         require_columns("generate", batch, self.needs)
         n = batch.num_rows
         pixels: list[bytes] = [b""] * n

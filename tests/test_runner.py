@@ -51,3 +51,15 @@ def test_read_slices_feed_every_actor_in_whole_batches() -> None:
     assert read_slice_rows(24, config(1, 4)) == 64
     assert read_slice_rows(10_000, config(8, 16)) == 160  # 10,000 / (8 actors x 8) rounded up to batches
     assert read_slice_rows(100, config(1, 1000)) == 1000
+
+
+def test_user_errors_are_found_in_the_text_of_a_failed_actor_constructor() -> None:
+    from pipeline.errors import ModelError
+
+    text = (
+        "The actor died because of an error raised in its creation task, ray::MapWorker.__init__()\n"
+        '  File "pipeline/models/weights.py", line 119, in resolve_folder\n'
+        "pipeline.errors.ModelError: 'x' is neither a local diffusers folder, an object-store URI, nor a hub id"
+    )
+    found = user_error(RuntimeError(text))
+    assert isinstance(found, ModelError) and str(found).startswith("'x' is neither a local diffusers folder")

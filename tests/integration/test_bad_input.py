@@ -147,3 +147,12 @@ def test_object_store_problems_are_clear(tmp_path: Path, s3_bucket: str, s3_env:
     denied = run_cli("validate", str(config), env={**no_credentials, "AWS_ACCESS_KEY_ID": ""})
     assert denied.returncode == 2 and "Traceback" not in denied.stderr
     assert "credentials" in denied.stderr.lower(), denied.stderr
+
+
+def test_a_model_that_cannot_load_stops_the_job_with_its_own_message(tmp_path: Path, model_cache: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(3))
+    config = _config(tmp_path, model_cache, manifest)
+    result = run_cli("run", str(config), "--no-progress", "--set", f"model.path={tmp_path / 'no-such-model'}")
+    assert result.returncode == 2
+    assert "error: " in result.stderr and "no-such-model' is neither a local diffusers folder" in result.stderr
+    assert "Traceback" not in result.stderr
