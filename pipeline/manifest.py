@@ -47,6 +47,11 @@ RESERVED_COLUMNS = (
     "scheduler",
     "weights",
     "peak_memory_mb",
+    "prompt_tokens",
+    "prompt_truncated",
+    "negative_prompt_truncated",
+    "render_batch_size",
+    "oom_retries",
     "image_path",
     "sha256",
     "bytes",
@@ -165,6 +170,11 @@ def list_manifest_files(uri: str, storage: StorageConfig | None = None) -> tuple
 def check_schema(schema: pa.Schema, uri: str) -> None:
     """Raise a ManifestError naming the file and column if a known column is missing or mistyped."""
     names = set(schema.names)
+    for column, times in Counter(schema.names).items():
+        if times > 1:
+            raise ManifestError(
+                f"this column name appears {times} times; give each column its own name", file=uri, column=column
+            )
     for column in REQUIRED_COLUMNS:
         if column not in names:
             raise ManifestError(
@@ -214,10 +224,17 @@ def _bools(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
-    """Numeric values as float64 (nulls as NaN) for range checks."""
+    """Numeric values as float64 (nulls as NaN) for range checks. Integers past 2**53 round to
+    the nearest float (a strict cast would raise), far outside every range checked."""
     if pa.types.is_null(column.type):
         return np.full(len(column), np.nan)
-    return np.asarray(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    values = pc.cast(column, pa.float64(), safe=False)
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _present(column: pa.ChunkedArray) -> np.ndarray:
+    """Non-null values: a NaN is present (and not a valid number), unlike a null."""
+    return _bools(pc.is_valid(column))
 
 
 def _text_problems(table: pa.Table, name: str, what: str) -> list[tuple[str, np.ndarray, str]]:
@@ -242,7 +259,7 @@ def _seed_problems(column: pa.ChunkedArray, n: int) -> list[tuple[str, np.ndarra
             out.append(
                 (
                     "seed",
-                    ~np.isnan(values) & ((values != np.floor(values)) | ~np.isfinite(values)),
+                    _present(column) & ((values != np.floor(values)) | ~np.isfinite(values)),
                     "seed is not an integer",
                 )
             )
@@ -262,7 +279,7 @@ def _setting_problems(table: pa.Table, rules: RowRules) -> list[tuple[str, np.nd
         if name not in table.column_names:
             continue
         values = _floats(table.column(name))
-        present = ~np.isnan(values)
+        present = _present(table.column(name))
         with np.errstate(invalid="ignore"):
             out.append(
                 (name, present & ((values != np.floor(values)) | ~np.isfinite(values)), f"{name} is not an integer")
@@ -290,7 +307,7 @@ def _setting_problems(table: pa.Table, rules: RowRules) -> list[tuple[str, np.nd
         values = _floats(table.column("guidance_scale"))
         g_low, g_high = rules.guidance_range
         with np.errstate(invalid="ignore"):
-            bad = ~np.isnan(values) & ((values < g_low) | (values > g_high) | ~np.isfinite(values))
+            bad = _present(table.column("guidance_scale")) & ~((values >= g_low) & (values <= g_high))
         out.append(("guidance_scale", bad, f"model {rules.model} takes guidance {g_low:g} to {g_high:g}{why}"))
     return out
 
@@ -327,6 +344,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# What pyarrow raises on a damaged file: ArrowInvalid and its siblings, OSError for I/O and Thrift
+# errors, UnicodeDecodeError (a ValueError) for a column name garbled in the footer.
+_DAMAGED = (pa.ArrowException, OSError, ValueError)
+
+
 @contextmanager
 def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile]:
     """Open a Parquet file for reading, closing it after use (manifests may have thousands)."""
@@ -337,16 +359,53 @@ def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.Pa
     with handle:
         try:
             parquet = pq.ParquetFile(handle)
-        except (pa.ArrowInvalid, OSError) as error:
+        except _DAMAGED as error:
             raise ManifestError(f"not a readable Parquet file ({error}); re-export it", file=uri) from None
         yield parquet
 
 
 def _read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
     try:
-        return _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
-    except (pa.ArrowInvalid, OSError) as error:
+        table = _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
+    except _DAMAGED as error:
         raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
+    _check_values(table, fragment)
+    return table
+
+
+def _check_values(table: pa.Table, fragment: Fragment) -> None:
+    """Parquet readers do not check that text columns hold UTF-8: a file written with another
+    encoding (or damaged) would otherwise fail later, far from its cause, or in a worker."""
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as error:
+            row = _first_non_utf8(column)
+            if row is None:
+                raise ManifestError(
+                    f"row group {fragment.row_group} holds invalid values ({error}); re-export the file",
+                    file=fragment.uri,
+                    column=name,
+                ) from None
+            raise ManifestError(
+                "text is not valid UTF-8; re-export the file with its text encoded as UTF-8",
+                file=fragment.uri,
+                row=fragment.row_offset + row,
+                column=name,
+            ) from None
+
+
+def _first_non_utf8(column: pa.ChunkedArray) -> int | None:
+    """Position of the first value of a string column that is not UTF-8 (None if there is none)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    for position, value in enumerate(pc.cast(column, pa.large_binary()).to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            return position
+    return None
 
 
 def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
@@ -574,7 +633,9 @@ def plan_manifest(
 def _setting_values(table: pa.Table) -> pa.Table:
     """The per-row settings as float64 columns (nulls: the job's default), for the plan's summary."""
     columns = [
-        pc.cast(table.column(c), pa.float64()) if c in table.column_names else pa.nulls(table.num_rows, pa.float64())
+        pc.cast(table.column(c), pa.float64(), safe=False)
+        if c in table.column_names
+        else pa.nulls(table.num_rows, pa.float64())
         for c in SETTING_COLUMNS
     ]
     return pa.table(columns, names=list(SETTING_COLUMNS))

@@ -156,7 +156,5 @@ def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
     slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
     config = JobConfig.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o")})
     stage = ReadManifest(config, SettingDefaults(128, 128, 4, 0.0))
-    ids = [
-        i for s in slices for i in stage(pa.Table.from_pylist([{**asdict(s), "skip": []}])).column("id").to_pylist()
-    ]
+    ids = [i for s in slices for i in stage(pa.Table.from_pylist([{**asdict(s), "skip": []}])).column("id").to_pylist()]
     assert ids == plan.ids.to_pylist()

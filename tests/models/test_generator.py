@@ -128,7 +128,8 @@ class _RunsOutOfMemoryAbove:
     """Stands in for the pipeline: raises CUDA's out-of-memory error for calls over `limit` images."""
 
     def __init__(self, pipe: object, limit: int):
-        self.pipe, self.limit, self.calls = pipe, limit, []  # type: list[int]
+        self.pipe, self.limit = pipe, limit
+        self.calls: list[int] = []
 
     def __call__(self, *, prompt: list[str], **kwargs: object) -> object:
         self.calls.append(len(prompt))
