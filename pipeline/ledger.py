@@ -25,12 +25,14 @@ from pipeline.errors import ConfigError
 from pipeline.io import filesystem, join
 from pipeline.models.presets import get_preset
 from pipeline.settings import SettingDefaults
-from pipeline.writer import METADATA_DIR, SHARDS_DIR
+from pipeline.writer import METADATA_DIR, SHARDS_DIR, STATS_DIR
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
-OUTPUT_ENTRIES = (METADATA_DIR, "images", SHARDS_DIR, "rejects", "grids", "stats.json", "job.json", "compare.md")
+OUTPUT_ENTRIES = (
+    METADATA_DIR, STATS_DIR, "images", SHARDS_DIR, "rejects", "grids", "stats.json", "job.json", "compare.md"
+)  # fmt: skip
 
 
 def read_done_ids(config: JobConfig) -> pa.ChunkedArray:

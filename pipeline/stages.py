@@ -6,6 +6,7 @@ missing ones, so a wiring mistake is obvious.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import fields
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
 logger = logging.getLogger(__name__)
-OOM_RETRIES = "oom_retries"  # a per-call count carried to the writer's summary, not to the metadata
+# Per-batch measurements (JSON on the batch's first row) for the part's stats, not the metadata.
+TELEMETRY = "telemetry"
 
 
 def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> None:
@@ -86,12 +88,16 @@ class GenerateImages:
         call_sizes = [0] * n
         prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
         retries_before = self.generator.oom_retries
+        phases_before = dict(self.generator.stage_seconds)
+        calls: list[list[float]] = []
         for settings, indices in group_by_settings(batch).items():
             start = time.perf_counter()
             images, sizes = self.generator.render(
                 [prompts[i] for i in indices], [negatives[i] for i in indices], [seeds[i] for i in indices], settings
             )
-            per_image = (time.perf_counter() - start) / len(indices)
+            elapsed = time.perf_counter() - start
+            calls.append([len(indices), elapsed])
+            per_image = elapsed / len(indices)
             for image, size, i in zip(images, sizes, indices, strict=True):
                 pixels[i], seconds[i], call_sizes[i] = image.tobytes(), per_image, size
         prompt_tokens, limit = self.generator.token_counts(prompts)
@@ -106,12 +112,23 @@ class GenerateImages:
             "peak_memory_mb": pa.array([self.generator.peak_memory_mb()] * n, pa.float64()),
             "node": pa.array([self.node] * n, pa.string()),
             "actor": pa.array([self.actor] * n, pa.string()),
-            # Out-of-memory retries of this call, counted once (on its first row) for the stats.
-            OOM_RETRIES: pa.array([self.generator.oom_retries - retries_before] + [0] * (n - 1), pa.int32()),
+            TELEMETRY: pa.array(
+                [self._telemetry(retries_before, phases_before, calls)] + [None] * (n - 1), pa.string()
+            ),
         }
         for name, column in columns.items():
             batch = batch.append_column(name, column)
         return batch
+
+    def _telemetry(self, retries_before: int, phases_before: dict[str, float], calls: list[list[float]]) -> str:
+        """This batch's measurements, counted once: out-of-memory retries, seconds per phase
+        (text encoding, denoising, VAE decoding, copy to host) and (images, seconds) per group."""
+        phases = {
+            stage: seconds - phases_before.get(stage, 0.0) for stage, seconds in self.generator.stage_seconds.items()
+        }
+        return json.dumps(
+            {"oom_retries": self.generator.oom_retries - retries_before, "stage_seconds": phases, "calls": calls}
+        )
 
 
 def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:

@@ -39,7 +39,22 @@ METADATA_COLUMNS = (
     "prompt_tokens", "prompt_truncated", "negative_prompt_truncated", "render_batch_size",
     "generation_seconds", "encode_seconds", "peak_memory_mb", "node", "actor",
 )  # fmt: skip
-SUMMARY_ONLY_COLUMNS = ("oom_retries",)  # counted in the part's summary, not written per row
+STATS_DIR = "stats"
+TELEMETRY = "telemetry"  # per-batch measurements from the generator: merged into the part's stats
+
+
+def merge_telemetry(records: list[str | None]) -> dict[str, Any]:
+    """Sum the generator's per-batch measurements of one part."""
+    merged: dict[str, Any] = {"oom_retries": 0, "stage_seconds": {}, "calls": []}
+    for record in records:
+        if not record:
+            continue
+        data = json.loads(record)
+        merged["oom_retries"] += int(data.get("oom_retries", 0))
+        for stage, seconds in data.get("stage_seconds", {}).items():
+            merged["stage_seconds"][stage] = merged["stage_seconds"].get(stage, 0.0) + float(seconds)
+        merged["calls"].extend(data.get("calls", []))
+    return merged
 
 
 def part_name(ids: list[str]) -> str:
@@ -82,8 +97,8 @@ class PartWriter:
         ids: list[str] = batch.column("id").to_pylist()
         name = part_name(ids)
         images: list[bytes] = batch.column("image").to_pylist()
-        counts = {c: int(sum(batch.column(c).to_pylist())) for c in SUMMARY_ONLY_COLUMNS if c in batch.column_names}
-        dropped = ["image", *(c for c in SUMMARY_ONLY_COLUMNS if c in batch.column_names)]
+        telemetry = merge_telemetry(batch.column(TELEMETRY).to_pylist() if TELEMETRY in batch.column_names else [])
+        dropped = ["image", *([TELEMETRY] if TELEMETRY in batch.column_names else [])]
         table = self._metadata(batch.drop_columns(dropped), ids, name)
         if self.layout == "webdataset":
             self._write_tar(name, table, images)
@@ -91,8 +106,14 @@ class PartWriter:
             self._write_files(table.column("image_path").to_pylist(), images)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
+        summary = {**self._summary(name, table, time.perf_counter() - start), **telemetry}
+        summary["committed_at"] = time.time()
+        # The part's stats record, next to its outputs and before the metadata that commits it.
+        write_bytes(self.fs, join(self.root, STATS_DIR, f"{name}.json"), json.dumps(summary).encode())
         write_bytes(self.fs, join(self.root, METADATA_DIR, f"{name}.parquet"), buffer.getvalue())
-        return {**self._summary(name, table, time.perf_counter() - start), **counts}
+        summary["stage_seconds"] = json.dumps(summary["stage_seconds"])
+        summary["calls"] = json.dumps(summary["calls"])
+        return summary
 
     def _metadata(self, batch: pa.Table, ids: list[str], name: str) -> pa.Table:
         n = batch.num_rows

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +124,7 @@ class ImageGenerator:
         # Largest model call that fits: None until an out-of-memory error lowers it.
         self.max_batch: int | None = None
         self.oom_retries = 0
+        self.stage_seconds: dict[str, float] = {}  # seconds per phase, summed over calls
 
     @property
     def model_name(self) -> str:
@@ -305,26 +309,94 @@ class ImageGenerator:
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], settings: RenderSettings
     ) -> np.ndarray:
-        """Render one batch; returns uint8 pixels of shape (N, height, width, 3)."""
+        """Render one batch; returns uint8 pixels of shape (N, height, width, 3).
+
+        Runs diffusers' SDXL pipeline in timed phases (text encoding, denoising, VAE decoding,
+        the copy to the host) with the same arithmetic as one `pipe(...)` call; the seconds of each
+        phase are added to `stage_seconds` (on CUDA, each phase ends with a synchronize)."""
         import torch
 
         if self.pipe is None:
             raise RuntimeError("ImageGenerator.generate() called before load()")
+        pipe = self.pipe
+        timer = StageTimer(self.device)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         negatives = [n or "" for n in negative_prompts] if settings.negative else None
+        # The full LCM UNet takes guidance as an embedding, not as classifier-free guidance.
+        cfg = settings.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
         with torch.inference_mode():
-            images = self.pipe(
-                prompt=prompts,
-                negative_prompt=negatives,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                width=settings.width,
-                height=settings.height,
-                generator=generators,
-                output_type="pt",
-                **self.preset.call_kwargs,
-            ).images
-            # Quantise on the device: the copy back moves 4x fewer bytes than float32.
-            pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        result: np.ndarray = pixels.cpu().numpy()
+            with timer("text_encode"):
+                embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+                    prompt=prompts,
+                    device=torch.device(self.device),
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=cfg,
+                    negative_prompt=negatives,
+                )
+            with timer("denoise"):
+                latents = pipe(
+                    prompt_embeds=embeds,
+                    negative_prompt_embeds=negative_embeds,
+                    pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=negative_pooled,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale,
+                    width=settings.width,
+                    height=settings.height,
+                    generator=generators,
+                    output_type="latent",
+                    **self.preset.call_kwargs,
+                ).images
+            with timer("vae_decode"):
+                images = decode_latents(pipe, latents)
+            with timer("to_host"):
+                # Quantise on the device: the copy back moves 4x fewer bytes than float32.
+                pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+                result: np.ndarray = pixels.cpu().numpy()
+        for stage, seconds in timer.seconds.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         return result
+
+
+class StageTimer:
+    """Wall seconds per named phase; on CUDA each phase ends with a synchronize, so queued GPU
+    work is counted in the phase that queued it."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def decode_latents(pipe: Any, latents: Any) -> Any:
+    """Latents → images in [-1, 1], exactly as StableDiffusionXLPipeline does after denoising
+    (float32 upcast of an fp16 VAE that needs it, latent denormalisation, watermark if any)."""
+    import torch
+
+    vae = pipe.vae
+    needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+    if needs_upcasting:
+        pipe.upcast_vae()
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std_t / vae.config.scaling_factor + mean_t
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if needs_upcasting:
+        vae.to(dtype=torch.float16)
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return image

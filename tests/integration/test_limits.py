@@ -43,6 +43,14 @@ def test_long_prompts_and_out_of_memory_in_an_actor(tmp_path: Path, model_cache:
     assert stats["rows"] == 10
     assert stats["oom_retries"] >= 1 and 1 <= stats["min_render_batch_size"] <= 2
     assert stats["prompts_truncated"] == 2 and stats["negative_prompts_truncated"] == 1
+    phases = {k: v for k, v in stats["stage_seconds"].items() if k.startswith("generate.")}
+    assert set(phases) == {"generate.text_encode", "generate.denoise", "generate.vae_decode", "generate.to_host"}
+    assert sum(phases.values()) <= stats["stage_seconds"]["generate"] * 1.01  # phases of the timed calls
+    latency = stats["batch_latency_seconds"]
+    assert stats["model_calls"] >= 3 and 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    # One stats record per committed part, next to its metadata.
+    parts = {p.stem for p in (output / "metadata").iterdir()}
+    assert parts == {p.stem for p in (output / "stats").iterdir()} and len(parts) == stats["parts"]
     # Warned once each, with the counts, not once per row or batch.
     assert result.stderr.count("longer than the text encoders' 77-token limit") == 1
     assert "2 prompt(s) and 1 negative prompt(s)" in result.stderr

@@ -131,11 +131,12 @@ class _RunsOutOfMemoryAbove:
         self.pipe, self.limit = pipe, limit
         self.calls: list[int] = []
 
-    def __call__(self, *, prompt: list[str], **kwargs: object) -> object:
-        self.calls.append(len(prompt))
-        if len(prompt) > self.limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({len(prompt)} images)")
-        return self.pipe(prompt=prompt, **kwargs)  # type: ignore[operator]
+    def __call__(self, *, prompt_embeds: torch.Tensor, **kwargs: object) -> object:
+        n = prompt_embeds.shape[0]
+        self.calls.append(n)
+        if n > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({n} images)")
+        return self.pipe(prompt_embeds=prompt_embeds, **kwargs)  # type: ignore[operator]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.pipe, name)
@@ -164,16 +165,26 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(tiny_generato
 def test_other_errors_are_not_retried(tiny_generator: ImageGenerator) -> None:
     real_pipe = tiny_generator.pipe
 
-    def broken(**kwargs: object) -> None:
-        raise ValueError("not a memory problem")
+    class Broken(_RunsOutOfMemoryAbove):
+        def __call__(self, **kwargs: object) -> object:
+            raise ValueError("not a memory problem")
 
-    tiny_generator.pipe = broken
+    tiny_generator.pipe = Broken(real_pipe, limit=100)
     try:
         with pytest.raises(ValueError, match="not a memory problem"):
             tiny_generator.render(PROMPTS, [None] * 4, SEEDS, SETTINGS)
         assert tiny_generator.oom_retries == 0 and tiny_generator.max_batch is None
     finally:
         tiny_generator.pipe = real_pipe
+
+
+def test_each_phase_is_timed(tiny_generator: ImageGenerator) -> None:
+    tiny_generator.stage_seconds.clear()
+    tiny_generator.generate(PROMPTS[:2], [None] * 2, SEEDS[:2], SETTINGS)
+    phases = tiny_generator.stage_seconds
+    assert set(phases) == {"text_encode", "denoise", "vae_decode", "to_host"}
+    assert all(seconds > 0 for seconds in phases.values())
+    assert phases["denoise"] > phases["text_encode"]  # 4 UNet steps against one pass of the encoders
 
 
 def test_token_counts_flag_prompts_over_the_clip_limit(tiny_generator: ImageGenerator) -> None:
