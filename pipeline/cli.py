@@ -78,6 +78,47 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--presets", required=True, help="comma-separated preset names, e.g. lightning-4step,turbo")
     _add_job_arguments(compare, config_required=False)
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    report = commands.add_parser(
+        "report",
+        help="write a self-contained HTML report of an output (throughput, stages, actors, sample images)",
+        description="Writes OUTPUT/report.html from stats.json, the per-part stats records and the metadata.",
+    )
+    report.add_argument("output", help="output prefix of a job (local or s3://)")
+    report.add_argument("--config", help="a job config, for its storage options")
+    report.add_argument("--samples", type=int, default=24, help="images on the contact sheet (default 24)")
+    estimate = commands.add_parser(
+        "estimate",
+        help="time and cost of a job, from a tuning result or a short calibration run",
+        description=(
+            "Estimates the wall time, GPU-hours and cost of rendering the job's pending rows. The throughput comes "
+            "from a tuning result (--from TUNE.json, written by `sdxl-batch tune`) with the same model and settings, "
+            "or else from a calibration run that renders a sample of the manifest with the job's settings."
+        ),
+    )
+    _add_job_arguments(estimate)
+    estimate.add_argument("--from", dest="tuning", metavar="TUNE_JSON", help="a tuning result to use")
+    estimate.add_argument("--sample", type=int, default=None, help="rows in the calibration run (default: 4 batches)")
+    estimate.add_argument("--gpu-hour-price", type=float, default=None, help="price per GPU-hour (or node-hour on CPU)")
+    estimate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tune = commands.add_parser(
+        "tune",
+        help="sweep batch size, actors per GPU, precision and compilation on a sample; write the best config",
+        description=(
+            "Each trial renders the same sample of the manifest as a normal job. Prints images/s, seconds per "
+            "image, peak memory and cost per 1,000 images for every trial, records trials that run out of memory, "
+            "and writes the fastest as a config file."
+        ),
+    )
+    _add_job_arguments(tune)
+    tune.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 1,2,4,8)")
+    tune.add_argument("--actors-per-gpu", default=None, help="comma-separated actors per GPU (default 1,2 on GPU)")
+    tune.add_argument("--dtypes", default=None, help="comma-separated precisions (default fp16,bf16 on GPU, fp32 on CPU)")
+    tune.add_argument("--compile", default=None, help="comma-separated on/off for torch.compile (default off,on on GPU)")
+    tune.add_argument("--sample", type=int, default=None, help="rows rendered per trial (default: 4 of the largest batch)")
+    tune.add_argument("--gpu-hour-price", type=float, default=None, help="price per GPU-hour (or node-hour on CPU)")
+    tune.add_argument("--work-dir", default=None, help="where trials and results go (default: outputs/tune/<config>)")
+    tune.add_argument("--write", dest="best_config", default=None, help="path of the best config (default: in work dir)")
+    tune.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -180,12 +221,66 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.config import StorageConfig, load_config
+    from pipeline.report import write_report
+
+    storage = (
+        load_config(args.config, output=args.output, manifest="unused").storage if args.config else StorageConfig()
+    )
+    path = write_report(args.output, storage=storage, samples=args.samples)
+    print(f"Report: {path}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from pipeline.tune import run_estimate
+
+    estimate = run_estimate(
+        _load(args),
+        tuning=args.tuning,
+        sample=args.sample,
+        price=args.gpu_hour_price,
+        ray_address=os.environ.get("RAY_ADDRESS") or None,
+        progress=not args.no_progress,
+    )
+    print("\n".join(estimate.lines()))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import SweepSpace, run_tune
+
+    config = _load(args)
+    space = SweepSpace.parse(
+        config, batch_sizes=args.batch_sizes, actors_per_gpu=args.actors_per_gpu, dtypes=args.dtypes,
+        compile=args.compile,
+    )  # fmt: skip
+    result = run_tune(
+        config,
+        space,
+        config_path=args.config,
+        sample=args.sample,
+        price=args.gpu_hour_price,
+        work_dir=args.work_dir,
+        best_config=args.best_config,
+        ray_address=os.environ.get("RAY_ADDRESS") or None,
+        progress=not args.no_progress,
+    )
+    print(result.table())
+    print("\n".join(result.closing_lines()))
+    return 0 if result.best is not None else 1
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
     "models": cmd_models,
     "compare": cmd_compare,
     "verify": cmd_verify,
+    "report": cmd_report,
+    "estimate": cmd_estimate,
+    "tune": cmd_tune,
 }
 
 

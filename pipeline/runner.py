@@ -187,6 +187,7 @@ def run_job(
         extra={
             "rows_done_before": job.done_rows,
             "rows_rejected": plan.problem_count,
+            "rows_skipped": job.done_rows + plan.problem_count,
             "rejected_by_column": dict(plan.problem_columns),
             "rejects_files": len(rejects),
             "layout": config.write.layout,
@@ -243,9 +244,9 @@ def _execute(
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 assert isinstance(batch, pa.Table)
-                for summary in batch.to_pylist():
-                    stats.add_part(summary)
-                    bar.update(int(summary["rows"]))
+                for row in batch.to_pylist():
+                    stats.add_part(json.loads(row["record"]))
+                    bar.update(int(row["rows"]))
         except Exception as error:
             cause = user_error(error)
             if cause is not None:

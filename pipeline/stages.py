@@ -19,15 +19,15 @@ from pipeline.errors import SdxlBatchError
 from pipeline.manifest import Fragment, read_fragment
 from pipeline.models.presets import get_preset
 from pipeline.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.stats import job_label
+from pipeline.telemetry import JobMetrics, UtilizationSampler, nvml_reader
 from pipeline.validate import rules_for
-from pipeline.writer import ModelInfo, PartWriter
+from pipeline.writer import TELEMETRY, ModelInfo, PartWriter
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
 logger = logging.getLogger(__name__)
-# Per-batch measurements (JSON on the batch's first row) for the part's stats, not the metadata.
-TELEMETRY = "telemetry"
 
 
 def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> None:
@@ -76,7 +76,10 @@ class GenerateImages:
             # Raised from the first batch instead: Ray reports a failed actor constructor with a
             # traceback and retries it, while a task's error reaches the driver as itself.
             self.load_error = error
-        self.node, self.actor = _placement()
+        self.node, self.actor, self.gpu = _placement()
+        self.metrics = JobMetrics(job=job_label(config.output), model=self.generator.model_name)
+        read = nvml_reader() if self.load_error is None and self.generator.device == "cuda" else None
+        self.sampler = UtilizationSampler(read) if read else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.load_error is not None:
@@ -90,13 +93,14 @@ class GenerateImages:
         retries_before = self.generator.oom_retries
         phases_before = dict(self.generator.stage_seconds)
         calls: list[list[float]] = []
+        started = time.time()
         for settings, indices in group_by_settings(batch).items():
             start = time.perf_counter()
             images, sizes = self.generator.render(
                 [prompts[i] for i in indices], [negatives[i] for i in indices], [seeds[i] for i in indices], settings
             )
             elapsed = time.perf_counter() - start
-            calls.append([len(indices), elapsed])
+            calls.append([len(indices), elapsed, time.time()])  # images, seconds, when it ended
             per_image = elapsed / len(indices)
             for image, size, i in zip(images, sizes, indices, strict=True):
                 pixels[i], seconds[i], call_sizes[i] = image.tobytes(), per_image, size
@@ -113,22 +117,41 @@ class GenerateImages:
             "node": pa.array([self.node] * n, pa.string()),
             "actor": pa.array([self.actor] * n, pa.string()),
             TELEMETRY: pa.array(
-                [self._telemetry(retries_before, phases_before, calls)] + [None] * (n - 1), pa.string()
+                [self._telemetry(n, started, retries_before, phases_before, calls)] + [None] * (n - 1), pa.string()
             ),
         }
         for name, column in columns.items():
             batch = batch.append_column(name, column)
         return batch
 
-    def _telemetry(self, retries_before: int, phases_before: dict[str, float], calls: list[list[float]]) -> str:
-        """This batch's measurements, counted once: out-of-memory retries, seconds per phase
-        (text encoding, denoising, VAE decoding, copy to host) and (images, seconds) per group."""
-        phases = {
-            stage: seconds - phases_before.get(stage, 0.0) for stage, seconds in self.generator.stage_seconds.items()
-        }
-        return json.dumps(
-            {"oom_retries": self.generator.oom_retries - retries_before, "stage_seconds": phases, "calls": calls}
-        )
+    def _telemetry(
+        self, rows: int, started: float, retries_before: int, phases_before: dict[str, float], calls: list[list[float]]
+    ) -> str:
+        """This batch's measurements, counted once (JSON on its first row): where it ran,
+        out-of-memory retries, seconds per phase (text encoding, denoising, VAE decoding, copy to
+        host), (images, seconds, end time) per model call, GPU utilisation and memory. The same
+        figures go to Ray's metrics."""
+        generator = self.generator
+        phases = {stage: seconds - phases_before.get(stage, 0.0) for stage, seconds in generator.stage_seconds.items()}
+        retries = generator.oom_retries - retries_before
+        on_gpu = generator.device == "cuda"
+        utilization = self.sampler.mean_since(started) if self.sampler else None
+        memory_mb = generator.peak_memory_mb()
+        self.metrics.batch(images=rows, calls=[c[1] for c in calls], stages=phases, oom_retries=retries)
+        if on_gpu:
+            self.metrics.gpu(gpu=self.gpu, utilization=utilization, memory_peak_bytes=memory_mb * 2**20)
+        return json.dumps({
+            "actor": self.actor,
+            "node": self.node,
+            "gpu": self.gpu,
+            "device": generator.device,
+            "rows": rows,
+            "oom_retries": retries,
+            "stage_seconds": phases,
+            "calls": calls,
+            "gpu_utilization": utilization,
+            "gpu_memory_peak_mb": memory_mb if on_gpu else None,
+        })  # fmt: skip
 
 
 def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
@@ -143,12 +166,15 @@ def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
         torch.set_num_threads(threads)
 
 
-def _placement() -> tuple[str, str]:
+def _placement() -> tuple[str, str, str]:
+    """This actor's node id, actor id and GPU label (`gpu<ids>` as Ray assigned them; "" on CPU)."""
     import ray
 
     context = ray.get_runtime_context()
     actor = context.get_actor_id() or context.get_worker_id()
-    return context.get_node_id(), actor
+    gpu_ids = ray.get_gpu_ids()
+    gpu = "gpu" + ",".join(str(i) for i in gpu_ids) if gpu_ids else ""
+    return context.get_node_id(), actor, gpu
 
 
 class EncodeImages:
@@ -179,6 +205,9 @@ class WriteParts:
     )
 
     def __init__(self, config: JobConfig, model: ModelInfo):
+        self.job = job_label(config.output)
+        self.model_name = model.model
+        self.metrics: JobMetrics | None = None  # created in the worker (Ray metrics live there)
         self.writer = PartWriter(
             output=config.output,
             layout=config.write.layout,
@@ -189,5 +218,11 @@ class WriteParts:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("write", batch, self.needs)
-        summary = self.writer.write(batch)
-        return pa.table({key: [value] for key, value in summary.items()})
+        record = self.writer.write(batch)
+        if self.metrics is None:
+            self.metrics = JobMetrics(job=self.job, model=self.model_name)
+        self.metrics.committed(
+            record["rows"], stages={"encode": record["encode_seconds"], "upload": record["upload_seconds"]}
+        )
+        # One row per part for the driver: its row count (progress) and its stats record.
+        return pa.table({"rows": [record["rows"]], "record": [json.dumps(record)]})

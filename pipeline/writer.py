@@ -28,6 +28,7 @@ from pipeline.encoding import EXTENSIONS
 from pipeline.errors import StorageError
 from pipeline.io import filesystem, is_remote_fs, join, write_bytes
 from pipeline.paths import image_relpath, safe_name
+from pipeline.stats import merge_telemetry
 
 METADATA_DIR = "metadata"
 SHARDS_DIR = "shards"
@@ -41,20 +42,6 @@ METADATA_COLUMNS = (
 )  # fmt: skip
 STATS_DIR = "stats"
 TELEMETRY = "telemetry"  # per-batch measurements from the generator: merged into the part's stats
-
-
-def merge_telemetry(records: list[str | None]) -> dict[str, Any]:
-    """Sum the generator's per-batch measurements of one part."""
-    merged: dict[str, Any] = {"oom_retries": 0, "stage_seconds": {}, "calls": []}
-    for record in records:
-        if not record:
-            continue
-        data = json.loads(record)
-        merged["oom_retries"] += int(data.get("oom_retries", 0))
-        for stage, seconds in data.get("stage_seconds", {}).items():
-            merged["stage_seconds"][stage] = merged["stage_seconds"].get(stage, 0.0) + float(seconds)
-        merged["calls"].extend(data.get("calls", []))
-    return merged
 
 
 def part_name(ids: list[str]) -> str:
@@ -106,14 +93,14 @@ class PartWriter:
             self._write_files(table.column("image_path").to_pylist(), images)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        summary = {**self._summary(name, table, time.perf_counter() - start), **telemetry}
-        summary["committed_at"] = time.time()
+        record = {**self._summary(name, table), **telemetry}
+        record["committed_at"] = time.time()
+        # The upload: images (above) and the two small files below.
+        record["upload_seconds"] = time.perf_counter() - start
         # The part's stats record, next to its outputs and before the metadata that commits it.
-        write_bytes(self.fs, join(self.root, STATS_DIR, f"{name}.json"), json.dumps(summary).encode())
+        write_bytes(self.fs, join(self.root, STATS_DIR, f"{name}.json"), json.dumps(record).encode())
         write_bytes(self.fs, join(self.root, METADATA_DIR, f"{name}.parquet"), buffer.getvalue())
-        summary["stage_seconds"] = json.dumps(summary["stage_seconds"])
-        summary["calls"] = json.dumps(summary["calls"])
-        return summary
+        return record
 
     def _metadata(self, batch: pa.Table, ids: list[str], name: str) -> pa.Table:
         n = batch.num_rows
@@ -155,7 +142,7 @@ class PartWriter:
         write_bytes(self.fs, join(self.root, SHARDS_DIR, f"{name}.tar"), buffer.getvalue())
 
     @staticmethod
-    def _summary(name: str, table: pa.Table, write_seconds: float) -> dict[str, Any]:
+    def _summary(name: str, table: pa.Table) -> dict[str, Any]:
         def total(column: str) -> float:
             return float(sum(table.column(column).to_pylist()))
 
@@ -165,7 +152,6 @@ class PartWriter:
             "bytes": int(total("bytes")),
             "generation_seconds": total("generation_seconds"),
             "encode_seconds": total("encode_seconds"),
-            "write_seconds": write_seconds,
             "peak_memory_mb": float(max(table.column("peak_memory_mb").to_pylist(), default=0.0)),
             "prompts_truncated": int(total("prompt_truncated")) if "prompt_truncated" in table.column_names else 0,
             "negative_prompts_truncated": (
@@ -176,6 +162,6 @@ class PartWriter:
                 if "render_batch_size" in table.column_names
                 else 0
             ),
-            "actors": json.dumps(Counter(table.column("actor").to_pylist())),
-            "nodes": json.dumps(Counter(table.column("node").to_pylist())),
+            "actors": dict(Counter(table.column("actor").to_pylist())),
+            "nodes": dict(Counter(table.column("node").to_pylist())),
         }

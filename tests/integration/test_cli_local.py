@@ -48,7 +48,15 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
         assert row["generation_seconds"] > 0 and row["node"] and row["actor"]
     stats = json.loads((output / "stats.json").read_text())
     assert stats["rows"] == 10 and stats["images_per_second"] > 0 and stats["wall_seconds"] > 0
-    assert {"generate", "encode", "write", "generate.denoise", "generate.vae_decode"} <= set(stats["stage_seconds"])
+    assert {"generate", "encode", "upload", "generate.denoise", "generate.vae_decode"} <= set(stats["stage_seconds"])
+    # One stats record per committed part, next to the outputs; stats.json merges them.
+    parts = [json.loads(p.read_text()) for p in (output / "stats").glob("part-*.json")]
+    assert len(parts) == stats["parts"] and sum(p["rows"] for p in parts) == 10
+    (actor,) = stats["per_actor"].values()
+    assert actor["rows"] == 10 and actor["images_per_second"] > 0 and 0 < actor["busy_fraction"] <= 1
+    assert actor["model_calls"] == stats["model_calls"] == sum(len(p["calls"]) for p in parts)
+    assert stats["batch_latency_seconds"]["p50"] <= stats["batch_latency_seconds"]["p99"]
+    assert stats["rows_skipped"] == 0 and stats["per_gpu"] == {} and stats["gpu_utilization_percent"] is None
     job = json.loads((output / "job.json").read_text())
     assert job["manifest_rows"] == 10
 
