@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--from", dest="tuning", metavar="TUNE_JSON", help="a tuning result to use")
     estimate.add_argument("--sample", type=int, default=None, help="rows in the calibration run (default: 4 batches)")
     estimate.add_argument("--gpu-hour-price", type=float, default=None, help="price per GPU-hour (or node-hour on CPU)")
+    estimate.add_argument(
+        "--work-dir", default=None, help="scratch folder of the calibration run (default: outputs/estimate/...)"
+    )
     estimate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tune = commands.add_parser(
         "tune",
@@ -110,14 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_job_arguments(tune)
-    tune.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 1,2,4,8)")
-    tune.add_argument("--actors-per-gpu", default=None, help="comma-separated actors per GPU (default 1,2 on GPU)")
-    tune.add_argument("--dtypes", default=None, help="comma-separated precisions (default fp16,bf16 on GPU, fp32 on CPU)")
-    tune.add_argument("--compile", default=None, help="comma-separated on/off for torch.compile (default off,on on GPU)")
-    tune.add_argument("--sample", type=int, default=None, help="rows rendered per trial (default: 4 of the largest batch)")
+    sweep = {
+        "--batch-sizes": "batch sizes (default 1,2,4,8)",
+        "--actors-per-gpu": "actors sharing one GPU (default 1,2 on GPU, 1 on CPU)",
+        "--dtypes": "precisions: fp32, fp16, bf16 (default fp16,bf16 on GPU, fp32 on CPU)",
+        "--compile": "torch.compile the UNet: off, on (default off,on on GPU, off on CPU)",
+    }
+    for flag, text in sweep.items():
+        tune.add_argument(flag, default=None, help=f"comma-separated {text}")
+    tune.add_argument("--sample", type=int, default=None, help="rows per trial (default: 4 x the largest batch)")
     tune.add_argument("--gpu-hour-price", type=float, default=None, help="price per GPU-hour (or node-hour on CPU)")
-    tune.add_argument("--work-dir", default=None, help="where trials and results go (default: outputs/tune/<config>)")
-    tune.add_argument("--write", dest="best_config", default=None, help="path of the best config (default: in work dir)")
+    tune.add_argument("--work-dir", default=None, help="trials and tune.json (default: outputs/tune/<config>)")
+    tune.add_argument("--write", dest="best_config", default=None, help="best config path (default: in the work dir)")
     tune.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -241,6 +248,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         tuning=args.tuning,
         sample=args.sample,
         price=args.gpu_hour_price,
+        work_dir=args.work_dir,
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         progress=not args.no_progress,
     )

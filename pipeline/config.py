@@ -94,6 +94,13 @@ class ModelConfig(_Section):
         description="Weights precision. `auto`: bfloat16 on GPUs that support it, else float16; float32 on CPU.",
     )
     device: Device = Field(default="auto", description="`auto` uses CUDA when the actor has a GPU.")
+    compile: bool = Field(
+        default=False,
+        description=(
+            "torch.compile the UNet (the denoising loop's cost). The first batch of each actor pays the "
+            "compilation (tens of seconds to minutes); `sdxl-batch tune` measures whether it pays off."
+        ),
+    )
     cache_dir: str | None = Field(
         default=None,
         description="Local per-node cache for object-store models (default: ~/.cache/sdxl-batch).",
@@ -143,6 +150,11 @@ class ResourcesConfig(_Section):
         default=None,
         ge=1,
         description="torch CPU threads per actor. Default: every core of the node on CPU, Ray's default on GPU.",
+    )
+    gpu_hour_price: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Price of one GPU-hour (one node-hour on CPU) for `estimate` and `tune` costs; any currency.",
     )
 
 

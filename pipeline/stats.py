@@ -41,6 +41,7 @@ def merge_telemetry(records: list[str | None]) -> dict[str, Any]:
 def _worker_of_batch(data: dict[str, Any], calls: list[list[float]]) -> dict[str, Any]:
     busy = sum(float(c[1]) for c in calls)
     utilization = data.get("gpu_utilization")
+    first = min(calls, key=lambda c: float(c[2]))
     return {
         "node": data.get("node", ""),
         "gpu": data.get("gpu", ""),
@@ -50,6 +51,9 @@ def _worker_of_batch(data: dict[str, Any], calls: list[list[float]]) -> dict[str
         "busy_seconds": busy,
         "first_start": min(float(c[2]) - float(c[1]) for c in calls),
         "last_end": max(float(c[2]) for c in calls),
+        # The actor's first call (warm-up: CUDA kernels, torch.compile) is left out of steady rates.
+        "first_end": float(first[2]),
+        "first_rows": int(first[0]),
         # Utilisation weighted by busy seconds, so that parts and batches merge exactly.
         "utilization_seconds": busy if utilization is not None else 0.0,
         "utilization_sum": float(utilization) * busy if utilization is not None else 0.0,
@@ -64,6 +68,8 @@ def _merge_worker(workers: dict[str, dict[str, Any]], actor: str, update: dict[s
         return
     for key in ("rows", "calls", "busy_seconds", "utilization_seconds", "utilization_sum"):
         current[key] += update[key]
+    if update["first_end"] < current["first_end"]:
+        current["first_end"], current["first_rows"] = update["first_end"], update["first_rows"]
     current["first_start"] = min(current["first_start"], update["first_start"])
     current["last_end"] = max(current["last_end"], update["last_end"])
     peaks = [p for p in (current["gpu_memory_peak_mb"], update["gpu_memory_peak_mb"]) if p is not None]
@@ -72,6 +78,17 @@ def _merge_worker(workers: dict[str, dict[str, Any]], actor: str, update: dict[s
 
 def _rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 4) if seconds > 0 else 0.0
+
+
+def steady_rate(worker: dict[str, Any]) -> float:
+    """An actor's images/s after its first (warm-up) call: rows after it over the time from its
+    end to the last call's end; an actor with a single call falls back to rows / busy seconds."""
+    after = int(worker["rows"]) - int(worker["first_rows"])
+    span = float(worker["last_end"] - worker["first_end"])
+    if after > 0 and span > 0:
+        return after / span
+    busy = float(worker["busy_seconds"])
+    return int(worker["rows"]) / busy if busy > 0 else 0.0
 
 
 def group_workers(workers: dict[str, dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
@@ -162,6 +179,7 @@ class JobStats:
                 "model_calls": w["calls"],
                 "busy_seconds": round(w["busy_seconds"], 3),
                 "images_per_second": _rate(w["rows"], span),
+                "steady_images_per_second": round(steady_rate(w), 4),
                 "busy_fraction": round(min(1.0, w["busy_seconds"] / span), 4) if span > 0 else 1.0,
                 "gpu_utilization_percent": (
                     round(w["utilization_sum"] / w["utilization_seconds"], 1) if w["utilization_seconds"] else None
@@ -174,7 +192,8 @@ class JobStats:
         """Seconds from the first model call's start to the last one's end, over all actors."""
         if not self.workers:
             return 0.0
-        return max(w["last_end"] for w in self.workers.values()) - min(w["first_start"] for w in self.workers.values())
+        end = max(float(w["last_end"]) for w in self.workers.values())
+        return end - min(float(w["first_start"]) for w in self.workers.values())
 
     def to_dict(self, *, wall_seconds: float, manifest_rows: int, extra: dict[str, Any]) -> dict[str, Any]:
         """The `stats.json` record (fields documented in the README). Stage seconds are summed
@@ -194,6 +213,8 @@ class JobStats:
             "images_per_second": _rate(self.rows, wall_seconds),
             "generation_span_seconds": round(span, 3),
             "generation_images_per_second": _rate(self.rows, span),
+            # Sum over actors of their rate after warm-up: what `tune` and `estimate` compare.
+            "steady_images_per_second": round(sum(steady_rate(w) for w in self.workers.values()), 4),
             "stage_seconds": {
                 "generate": round(self.generation_seconds, 3),
                 **{f"generate.{k}": round(v, 3) for k, v in sorted(self.phase_seconds.items())},

@@ -146,13 +146,13 @@ class JobPlan:
             seconds, source = estimate
             wall = seconds / c.resources.actors
             lines.append(
-                f"estimate   {_duration(seconds)} of generator time, about {_duration(wall)} on "
+                f"estimate   {human_duration(seconds)} of generator time, about {human_duration(wall)} on "
                 f"{c.resources.actors} actor(s) ({source})"
             )
         return lines
 
 
-def _duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

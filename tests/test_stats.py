@@ -17,7 +17,7 @@ def _batch(actor: str, gpu: str, rows: int, calls: list[list[float]], utilizatio
     })  # fmt: skip
 
 
-def _part(records: list[str | None], rows: int) -> dict:
+def _part(records: list[str | None], rows: int) -> dict[str, object]:
     return {
         "rows": rows, "bytes": 10, "generation_seconds": 1.0, "encode_seconds": 0.1, "upload_seconds": 0.2,
         "peak_memory_mb": 5.0, "actors": {}, "nodes": {}, **merge_telemetry(records),
@@ -45,6 +45,9 @@ def test_parts_and_batches_merge_exactly() -> None:
     assert record["generation_images_per_second"] == pytest.approx(1.1)
     assert record["busy_fraction"] == pytest.approx(7.0 / 13.0, abs=1e-4)
     assert record["peak_gpu_memory_mb"] == 1004.0
+    # After warm-up: a's first call ended at 102 (4 rows); 4 more rows by 110. b: one call, 3 rows in 3 s.
+    assert a["steady_images_per_second"] == pytest.approx(0.5) and b["steady_images_per_second"] == 1.0
+    assert record["steady_images_per_second"] == pytest.approx(1.5)
     assert record["gpu_utilization_percent"] == pytest.approx((180 + 60 + 300) / 6, abs=0.05)
     assert set(record["per_node"]) == {"node-a", "node-b"} and record["per_node"]["node-a"]["rows"] == 8
     assert [g["rows"] for g in record["per_gpu"].values()] == [8, 3]

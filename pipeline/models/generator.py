@@ -162,6 +162,11 @@ class ImageGenerator:
         self._apply_loras(pipe)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
+        if self.model.compile:
+            import torch
+
+            # Compiled lazily: the first call of each shape pays the compilation.
+            self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=False, dynamic=False)
         logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, self.dtype)
 
     def vae_ref(self) -> str | None:
