@@ -15,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# name: (kind, description, extra tag keys). Every metric is tagged with `job` and `model`.
+# name: (kind, description, extra tag keys). Every metric is tagged with `sdxl_job` and `model`.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sdxl_batch_images_generated": ("counter", "Images rendered by the generator actors.", ()),
     "sdxl_batch_images_committed": ("counter", "Images committed to the output (their metadata part written).", ()),
@@ -25,7 +25,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sdxl_batch_gpu_utilization_percent": ("gauge", "GPU utilisation sampled through NVML (per GPU).", ("gpu",)),
     "sdxl_batch_gpu_memory_peak_bytes": ("gauge", "Peak GPU memory allocated by torch (per GPU).", ("gpu",)),
 }
-BASE_TAGS = ("job", "model")
+BASE_TAGS = ("sdxl_job", "model")  # not `job`: Prometheus sets that label to the scrape job
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 
 
@@ -34,7 +34,7 @@ class JobMetrics:
     metrics agent is missing) every call is a no-op, so the stages never fail on telemetry."""
 
     def __init__(self, *, job: str, model: str):
-        self.tags = {"job": job, "model": model}
+        self.tags = {"sdxl_job": job, "model": model}
         self.metrics: dict[str, Any] = {}
         try:
             from ray.util import metrics
