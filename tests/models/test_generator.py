@@ -192,3 +192,13 @@ def test_token_counts_flag_prompts_over_the_clip_limit(tiny_generator: ImageGene
     counts, limit = tiny_generator.token_counts(["a red dog", long_prompt, None, ""])
     assert limit == 77
     assert 3 <= counts[0] <= 10 and counts[1] > 77 and counts[2:] == [0, 0]
+
+
+def test_compile_wraps_the_unet_lazily(model_cache: Path) -> None:
+    """`model.compile` hands the UNet to torch.compile at load; compilation itself waits for the
+    first call (tune measures whether it pays off, leaving that first call out)."""
+    import torch
+
+    generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), compile=True))
+    generator.load()
+    assert isinstance(generator.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
