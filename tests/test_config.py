@@ -76,3 +76,33 @@ def test_secrets_are_masked_in_dumps(tmp_path: Path) -> None:
     dumped = str(config.model_dump(mode="json")) + repr(config)
     assert "AKIASECRET" not in dumped and "shh-123" not in dumped
     assert config.storage.secret is not None and config.storage.secret.get_secret_value() == "shh-123"
+
+
+def test_every_config_key_is_documented_in_the_readme() -> None:
+    """The README's configuration table names every key of the config model."""
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from pipeline.config import JobConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| key | default | meaning |") :].split("\n\n")[0]
+
+    def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += keys(kind, f"{prefix}{name}.")
+            else:
+                found.append(f"{prefix}{name}")
+        return found
+
+    missing = []
+    for key in keys(JobConfig):
+        section, _, leaf = key.rpartition(".")
+        # Grouped rows name siblings after a slash: `generation.width` / `height`.
+        if f"`{key}`" not in table and not (section and f"/ `{leaf}`" in table and f"`{section}." in table):
+            missing.append(key)
+    assert not missing, f"config keys missing from the README table: {missing}"
