@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the embedded Ray's Prometheus metrics on this port (clusters: ray start --metrics-export-port)",
+    )
+    run.add_argument(
         "--overwrite",
         action="store_true",
         help="discard the output's previous results first (default: resume, skipping rows already done)",
@@ -144,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        metrics_port=args.metrics_port,
     )
     rejected = result.stats["rows_rejected"]
     if rejected:

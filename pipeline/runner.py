@@ -55,9 +55,10 @@ class JobResult:
         }
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, *, metrics_port: int | None = None) -> None:
     """Join the cluster at `address` (`auto`: the one `ray start` runs on this machine), or start
-    an embedded local Ray when it is None.
+    an embedded local Ray when it is None (serving its Prometheus metrics on `metrics_port`, if
+    given; a cluster's nodes take `ray start --metrics-export-port`).
 
     The embedded Ray serves this process alone, so it listens on loopback only: Ray otherwise
     binds its node to the machine's network address. (Ray reads this switch, named for its
@@ -74,6 +75,7 @@ def init_ray(address: str | None) -> None:
         # last recorded on this machine (even a dead one), which is not what the user asked for.
         address=address or "local",
         include_dashboard=False,
+        _metrics_export_port=metrics_port if address is None else None,
         logging_level=logging.WARNING,
         log_to_driver=True,
         # Workers import transformers before our code can quiet it; these stop the import-time chatter.
@@ -140,7 +142,12 @@ def pending_slices(job: JobPlan) -> list[dict[str, Any]]:
 
 
 def run_job(
-    config: JobConfig, *, ray_address: str | None = None, progress: bool = True, overwrite: bool = False
+    config: JobConfig,
+    *,
+    ray_address: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    metrics_port: int | None = None,
 ) -> JobResult:
     """Render every unfinished row of the manifest into the output; returns where the results are.
 
@@ -177,7 +184,7 @@ def run_job(
     stats = JobStats()
     if remaining:
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
-        _execute(config, tasks, remaining, stats, ray_address=ray_address, progress=progress)
+        _execute(config, tasks, remaining, stats, ray_address=ray_address, progress=progress, metrics_port=metrics_port)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
     model = model_info(config)
@@ -236,9 +243,10 @@ def _execute(
     *,
     ray_address: str | None,
     progress: bool,
+    metrics_port: int | None = None,
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
-    init_ray(ray_address)
+    init_ray(ray_address, metrics_port=metrics_port)
     dataset = build_dataset(config, tasks)
     with _progress_bar(remaining, enabled=progress) as bar:
         try:
