@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-unit lint format bench clean
+.PHONY: venv browser demo test test-unit lint format bench clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,23 @@ demo: venv
 	HF_HUB_CACHE=$(TINY_HUB) HF_HUB_OFFLINE=1 $(BIN)/sdxl-batch compare --presets $(COMPARE_PRESETS) \
 		--manifest configs/manifests/lightning-benchmark.parquet --output outputs/demo-compare \
 		--set generation.width=128 --set generation.height=128
+	@echo "The demo job's report (open it in a browser):"
+	$(BIN)/sdxl-batch report outputs/demo
 
-test: venv
+# Headless Chromium for the report's browser test (tests/integration/test_report_browser.py), which
+# skips itself without it (and fails on CI). Debian's packages, installed only when missing.
+browser:
+	@if [ -x /usr/bin/chromium ] && command -v chromedriver >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" -ne 0 ]; then \
+		echo "make browser: chromium or chromedriver is missing, and installing them needs root:"; \
+		echo "  sudo apt-get update && sudo apt-get install -y chromium chromium-driver"; \
+		echo "  (without them the report's browser test is skipped)"; \
+	else \
+		apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+
+test: venv browser
 	$(BIN)/pytest -q
 
 test-unit: venv

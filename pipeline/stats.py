@@ -68,8 +68,10 @@ def _merge_worker(workers: dict[str, dict[str, Any]], actor: str, update: dict[s
         return
     for key in ("rows", "calls", "busy_seconds", "utilization_seconds", "utilization_sum"):
         current[key] += update[key]
-    if update["first_end"] < current["first_end"]:
-        current["first_end"], current["first_rows"] = update["first_end"], update["first_rows"]
+    # Records written before first_end/first_rows existed: their first call counts as the start.
+    update_first = update.get("first_end", update["first_start"])
+    if update_first < current.get("first_end", current["first_start"]):
+        current["first_end"], current["first_rows"] = update_first, update.get("first_rows", 0)
     current["first_start"] = min(current["first_start"], update["first_start"])
     current["last_end"] = max(current["last_end"], update["last_end"])
     peaks = [p for p in (current["gpu_memory_peak_mb"], update["gpu_memory_peak_mb"]) if p is not None]
@@ -83,8 +85,8 @@ def _rate(rows: int, seconds: float) -> float:
 def steady_rate(worker: dict[str, Any]) -> float:
     """An actor's images/s after its first (warm-up) call: rows after it over the time from its
     end to the last call's end; an actor with a single call falls back to rows / busy seconds."""
-    after = int(worker["rows"]) - int(worker["first_rows"])
-    span = float(worker["last_end"] - worker["first_end"])
+    after = int(worker["rows"]) - int(worker.get("first_rows", 0))
+    span = float(worker["last_end"] - worker.get("first_end", worker["first_start"]))
     if after > 0 and span > 0:
         return after / span
     busy = float(worker["busy_seconds"])

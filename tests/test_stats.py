@@ -26,8 +26,12 @@ def _part(records: list[str | None], rows: int) -> dict[str, object]:
 
 def test_parts_and_batches_merge_exactly() -> None:
     # Actor a: two batches in one part, one in another; actor b: one batch. [images, seconds, end]
-    part1 = _part([_batch("a1", "gpu0", 4, [[4, 2.0, 102.0]], 90.0), None, _batch("a1", "gpu0", 2, [[2, 1.0, 104.0]], 60.0)], 6)
-    part2 = _part([_batch("a1", "gpu0", 2, [[2, 1.0, 110.0]], None), _batch("b2", "gpu1", 3, [[3, 3.0, 103.0]], 100.0)], 5)
+    part1 = _part(
+        [_batch("a1", "gpu0", 4, [[4, 2.0, 102.0]], 90.0), None, _batch("a1", "gpu0", 2, [[2, 1.0, 104.0]], 60.0)], 6
+    )
+    part2 = _part(
+        [_batch("a1", "gpu0", 2, [[2, 1.0, 110.0]], None), _batch("b2", "gpu1", 3, [[3, 3.0, 103.0]], 100.0)], 5
+    )
     assert part1["oom_retries"] == 1 and part1["stage_seconds"] == {"denoise": 2.0, "vae_decode": 1.0}
     stats = JobStats()
     stats.add_part(part1)
