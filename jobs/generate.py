@@ -7,6 +7,10 @@ directory; inside a Ray job, `ray.init()` joins the cluster the job runs on.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+# The submitted working directory's code first (`python jobs/generate.py` puts only jobs/ on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import main
 

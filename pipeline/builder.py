@@ -44,7 +44,7 @@ def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:
     Ray starts workers with OMP_NUM_THREADS=num_cpus (1), and OpenMP sizes its pool at start-up:
     a later `torch.set_num_threads` cannot fully undo that (measured ~15% slower on 2 cores).
     """
-    if config.resources.gpus_per_actor > 0:
+    if config.resources.on_gpu:
         return {}
     threads = config.resources.torch_threads or os.cpu_count() or 1
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
@@ -52,7 +52,8 @@ def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:
 
 def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
     """The graph over read `tasks` (a manifest `Fragment`'s fields plus `skip`: the indices inside
-    it that are done or rejected, dropped in the read stage)."""
+    it that are done or rejected, dropped in the read stage). `config` has its placement resolved
+    (`runner.resolve_resources`)."""
     import ray.data
 
     defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
@@ -66,8 +67,8 @@ def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Da
         fn_constructor_kwargs={"config": config},
         batch_size=config.generation.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=resources.actors),
-        num_gpus=resources.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=resources.actor_range[0], max_size=resources.actor_range[1]),
+        num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
         runtime_env=generator_runtime_env(config) or None,
     )

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from pipeline import __version__
@@ -26,6 +27,15 @@ def _add_job_arguments(parser: argparse.ArgumentParser, *, config_required: bool
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set generation.batch_size=8 (repeatable)",
+    )
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_DASHBOARD_ADDRESS"),
+        required=not (os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_DASHBOARD_ADDRESS")),
+        help="the head's dashboard address, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)",
     )
 
 
@@ -84,6 +94,41 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--presets", required=True, help="comma-separated preset names, e.g. lightning-4step,turbo")
     _add_job_arguments(compare, config_required=False)
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    submit = commands.add_parser(
+        "submit",
+        help="validate a job, then submit it to a Ray cluster through the Ray Jobs API",
+        description=(
+            "Runs the checks of `validate` here, then ships pipeline/, jobs/, configs/ and the config (without "
+            "storage credentials: the cluster uses its own) as the job's working directory, and runs "
+            "`python jobs/generate.py CONFIG ...` on the cluster. Token auth: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+            "or ~/.ray/auth_token."
+        ),
+    )
+    _add_job_arguments(submit)
+    _add_address(submit)
+    submit.add_argument(
+        "--wait", action="store_true", help="stream the job's logs until it ends; exit 1 unless it succeeded"
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="environment variable for the job's processes (repeatable; visible in the job's info: no secrets)",
+    )  # fmt: skip
+    submit.add_argument(
+        "--skip-validation", action="store_true", help="submit without the local checks (manifest only on the cluster)"
+    )
+    jobs = commands.add_parser(
+        "jobs", help="list, inspect, follow and stop submitted jobs", description="Ray Jobs API."
+    )
+    actions = jobs.add_subparsers(dest="action", required=True)
+    _add_address(actions.add_parser("list", help="jobs on the cluster, oldest first"))
+    for action, text in (("status", "a job's status and details"), ("stop", "stop a running job")):
+        parser_ = actions.add_parser(action, help=text)
+        parser_.add_argument("job_id")
+        _add_address(parser_)
+    logs = actions.add_parser("logs", help="a job's logs (its driver's output)")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    _add_address(logs)
     report = commands.add_parser(
         "report",
         help="write a self-contained HTML report of an output (throughput, stages, actors, sample images)",
@@ -264,9 +309,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipeline.tune import SweepSpace, run_tune
+    from pipeline.tune import SweepSpace, prepare, run_tune
 
-    config = _load(args)
+    config = prepare(_load(args), os.environ.get("RAY_ADDRESS") or None)
     space = SweepSpace.parse(
         config, batch_sizes=args.batch_sizes, actors_per_gpu=args.actors_per_gpu, dtypes=args.dtypes,
         compile=args.compile,
@@ -287,6 +332,64 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result.best is not None else 1
 
 
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    from pipeline.errors import ConfigError
+
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        env[key.strip()] = value
+    return env
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    config = _load(args)
+    job = submit.submit(
+        config, config_path=args.config, address=args.address, manifest=args.manifest, output=args.output,
+        overrides=args.overrides, env=_env_pairs(args.env), validate=not args.skip_validation,
+    )  # fmt: skip
+    print(f"Submitted {job.job_id} to {job.address}")
+    print(f"  status  sdxl-batch jobs status {job.job_id} --address {job.address}")
+    print(f"  logs    sdxl-batch jobs logs {job.job_id} --follow --address {job.address}")
+    if not args.wait:
+        return 0
+    status = submit.follow_logs(args.address, job.job_id, lambda text: print(text, end="", flush=True))
+    print(f"\n{job.job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    if args.action == "list":
+        found = submit.list_jobs(args.address)
+        rows = [("job", "status", "started", "entrypoint")]
+        for job in found:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.start_time / 1000)) if job.start_time else "-"
+            rows.append((job.submission_id or job.job_id or "-", str(job.status), started, job.entrypoint[:70]))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        return 0
+    if args.action == "status":
+        print("\n".join(submit.describe(submit.job_info(args.address, args.job_id))))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            status = submit.follow_logs(args.address, args.job_id, lambda text: print(text, end="", flush=True))
+            print(f"\n{args.job_id}: {status}")
+            return 0 if status == "SUCCEEDED" else 1
+        print(submit.job_logs(args.address, args.job_id), end="")
+        return 0
+    stopped = submit.stop_job(args.address, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -294,6 +397,8 @@ COMMANDS = {
     "compare": cmd_compare,
     "verify": cmd_verify,
     "report": cmd_report,
+    "submit": cmd_submit,
+    "jobs": cmd_jobs,
     "estimate": cmd_estimate,
     "tune": cmd_tune,
 }

@@ -143,8 +143,22 @@ class WriteConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    actors: int = Field(default=1, ge=1, description="Generator actors (each loads the pipeline once).")
-    gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs per actor; 0 runs on CPU.")
+    actors: int | tuple[int, int] | None = Field(
+        default=None,
+        description=(
+            "Generator actors, each loading the pipeline once: a count, or `[min, max]` for an autoscaling "
+            "cluster (Ray Data grows the pool while work is queued). Default: one per GPU of the cluster "
+            "(at least 1); 1 on CPU."
+        ),
+    )
+    gpus_per_actor: float | None = Field(
+        default=None,
+        ge=0.0,
+        description=(
+            "GPUs per actor (fractions share a GPU, e.g. 0.5 = two actors per GPU); 0 runs on CPU. "
+            "Default: 1 when the cluster has GPUs, else 0."
+        ),
+    )
     cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs reserved per generator actor.")
     torch_threads: int | None = Field(
         default=None,
@@ -156,6 +170,45 @@ class ResourcesConfig(_Section):
         ge=0.0,
         description="Price of one GPU-hour (one node-hour on CPU) for `estimate` and `tune` costs; any currency.",
     )
+
+    @field_validator("actors")
+    @classmethod
+    def _check_actors(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        counts = [value] if isinstance(value, int) else list(value or [])
+        if any(count < 1 for count in counts):
+            raise ValueError("actor counts must be at least 1")
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"[min, max] needs min <= max, got [{value[0]}, {value[1]}]")
+        return value
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether actors take GPUs (call on resolved resources: see `runner.resolve_resources`)."""
+        return bool(self.gpus_per_actor)
+
+    @property
+    def actor_range(self) -> tuple[int, int]:
+        """(min, max) actors; a fixed count is both. Unset (auto) counts as 1 before resolution."""
+        if isinstance(self.actors, tuple):
+            return self.actors
+        return (self.actors or 1, self.actors or 1)
+
+    @property
+    def max_actors(self) -> int:
+        return self.actor_range[1]
+
+    def describe(self) -> str:
+        """How the actors will be placed, for summaries."""
+        if self.actors is None:
+            count = "one actor per GPU (or 1 on CPU)"
+        elif isinstance(self.actors, tuple):
+            count = f"{self.actors[0]}-{self.actors[1]} actors (autoscaling)"
+        else:
+            count = f"{self.actors} actor(s)"
+        gpus = (
+            "1 GPU each if the cluster has GPUs" if self.gpus_per_actor is None else f"{self.gpus_per_actor:g} GPU each"
+        )
+        return f"{count}, {gpus}"
 
 
 class StorageConfig(_Section):

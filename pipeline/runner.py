@@ -78,10 +78,20 @@ def init_ray(address: str | None, *, metrics_port: int | None = None) -> None:
         _metrics_export_port=metrics_port if address is None else None,
         logging_level=logging.WARNING,
         log_to_driver=True,
-        # Workers import transformers before our code can quiet it; these stop the import-time chatter.
-        runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
+        runtime_env=_quiet_runtime_env(),
     )
     _quiet_ray_data_console()
+
+
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _quiet_runtime_env() -> dict[str, Any] | None:
+    """Workers import transformers before our code can quiet it; these variables stop the
+    import-time chatter. Inside a submitted job they are already set (`sdxl-batch submit` puts
+    them in the job's runtime env, which Ray refuses to see repeated)."""
+    missing = {key: value for key, value in QUIET_ENV.items() if os.environ.get(key) != value}
+    return {"env_vars": missing} if missing else None
 
 
 def _quiet_ray_data_console() -> None:
@@ -113,23 +123,49 @@ def _write_json(fs: Any, path: str, record: dict[str, Any]) -> None:
         raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from None
 
 
+def resolve_resources(config: JobConfig) -> JobConfig:
+    """Fill the automatic placement from the cluster Ray is connected to: one GPU per actor when
+    the cluster has GPUs (else CPU actors), and one actor per GPU (at least one)."""
+    import ray
+
+    resources = config.resources
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    per_actor = resources.gpus_per_actor
+    if per_actor is None:
+        per_actor = 1.0 if gpus else 0.0
+    actors = resources.actors
+    if actors is None:
+        actors = max(1, int(gpus / per_actor + 1e-9)) if per_actor and gpus else 1
+    needed = per_actor * (resources.actor_range[0] if resources.actors else 1)
+    if per_actor and gpus < needed:
+        logger.warning(
+            "the job asks for %g GPU(s) per actor and the cluster has %g GPU(s) now: its actors wait until an "
+            "autoscaler adds GPU nodes (or set resources.actors / gpus_per_actor to fit)",
+            per_actor,
+            gpus,
+        )
+    update = {"gpus_per_actor": per_actor, "actors": actors}
+    return config.model_copy(update={"resources": resources.model_copy(update=update)})
+
+
 def read_slice_rows(remaining: int, config: JobConfig) -> int:
-    """Rows per read task: enough tasks that every actor has several to work on, few enough that
-    scheduling stays cheap. An actor task handles one whole slice and emits its images when done,
-    so slices also bound the work a crash can lose and the wait for the first commit (measured:
-    465 s with whole 10,000-row row groups, 64 s with 1,024-row slices). A multiple of the batch
-    size, 64 to 256 rows."""
+    """Rows per read task: about 8 tasks per actor, so that every actor (on every node) gets
+    several, and at most 256 rows. An actor task handles one whole slice and emits its images
+    when done, so slices also bound the work a crash can lose and the wait for the first commit
+    (measured: 465 s with whole 10,000-row row groups, 64 s with 1,024-row slices). A multiple
+    of the batch size; at most 8 tasks per actor, so scheduling stays cheap for any job size."""
     batch = config.generation.batch_size
-    target = -(-remaining // (config.resources.actors * 8))
-    rows = min(max(target, 64, batch), max(256, batch))
+    target = -(-remaining // (config.resources.max_actors * 8))
+    rows = min(max(target, batch), max(256, batch))
     return -(-rows // batch) * batch
 
 
-def pending_slices(job: JobPlan) -> list[dict[str, Any]]:
+def pending_slices(job: JobPlan, config: JobConfig | None = None) -> list[dict[str, Any]]:
     """Read tasks for the rows still to render: each a manifest slice plus the indices inside it
-    to `skip` (rows already done, and rejected rows). Slices with nothing left are dropped."""
+    to `skip` (rows already done, and rejected rows). Slices with nothing left are dropped.
+    `config`: the job's config with its placement resolved (default: the plan's)."""
     pending = job.pending
-    rows = read_slice_rows(int(pending.sum()), job.config)
+    rows = read_slice_rows(int(pending.sum()), config or job.config)
     tasks, offset = [], 0
     for row_group in job.manifest.fragments:
         for piece in row_group.split(rows):
@@ -171,7 +207,6 @@ def run_job(
             plan.problem_count,
             join(job.output, REJECTS_DIR),
         )
-    tasks = pending_slices(job)
     remaining = job.pending_rows
     _write_json(fs, join(root, JOB_RECORD), {
         "version": __version__,
@@ -184,7 +219,9 @@ def run_job(
     stats = JobStats()
     if remaining:
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
-        _execute(config, tasks, remaining, stats, ray_address=ray_address, progress=progress, metrics_port=metrics_port)
+        init_ray(ray_address, metrics_port=metrics_port)
+        config = resolve_resources(config)
+        _execute(config, pending_slices(job, config), remaining, stats, progress=progress)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
     model = model_info(config)
@@ -203,6 +240,7 @@ def run_job(
             "scheduler": model.scheduler,
             "batch_size": config.generation.batch_size,
             "actors": config.resources.actors,
+            "gpus_per_actor": config.resources.gpus_per_actor,
             "started_at": started_at,
             "finished_at": _now(),
         },
@@ -241,12 +279,9 @@ def _execute(
     remaining: int,
     stats: JobStats,
     *,
-    ray_address: str | None,
     progress: bool,
-    metrics_port: int | None = None,
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
-    init_ray(ray_address, metrics_port=metrics_port)
     dataset = build_dataset(config, tasks)
     with _progress_bar(remaining, enabled=progress) as bar:
         try:

@@ -67,7 +67,7 @@ class GenerateImages:
     def __init__(self, config: JobConfig):
         from pipeline.models.generator import ImageGenerator
 
-        _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.gpus_per_actor > 0)
+        _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.on_gpu)
         self.generator = ImageGenerator(config.model, config.storage)
         self.load_error: SdxlBatchError | None = None
         try:

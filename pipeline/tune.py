@@ -31,7 +31,7 @@ import yaml
 from pipeline.errors import ConfigError, ModelError, SdxlBatchError
 from pipeline.ledger import settings_fingerprint
 from pipeline.manifest import read_fragment
-from pipeline.runner import run_job
+from pipeline.runner import init_ray, resolve_resources, run_job
 from pipeline.validate import JobPlan, human_duration, plan_job, rules_for
 
 if TYPE_CHECKING:
@@ -45,13 +45,20 @@ TUNE_RESULT = "tune.json"
 BEST_CONFIG = "best.yaml"
 
 
+def prepare(config: JobConfig, ray_address: str | None) -> JobConfig:
+    """Connect to Ray (as `run` does) and resolve the job's automatic placement."""
+    init_ray(ray_address)
+    return resolve_resources(config)
+
+
 def on_gpu(config: JobConfig) -> bool:
-    return config.resources.gpus_per_actor > 0
+    return config.resources.on_gpu
 
 
 def job_gpus(config: JobConfig) -> float:
-    """GPUs the job uses (the cost unit); 1 machine on CPU."""
-    return config.resources.actors * config.resources.gpus_per_actor if on_gpu(config) else 1.0
+    """GPUs the job uses at most (the cost unit); 1 machine on CPU."""
+    resources = config.resources
+    return resources.max_actors * (resources.gpus_per_actor or 0.0) if resources.on_gpu else 1.0
 
 
 @dataclass(frozen=True)
@@ -455,7 +462,7 @@ def estimate_from_tuning(path: str, config: JobConfig, rows: int, price: float |
             "(preset, weights, size, steps, guidance, format); run `sdxl-batch tune` with this config"
         )
     resources = config.resources
-    per_gpu_actors = round(1 / resources.gpus_per_actor) if on_gpu(config) else resources.actors
+    per_gpu_actors = round(1 / (resources.gpus_per_actor or 1.0)) if on_gpu(config) else resources.max_actors
     dtypes = {config.model.dtype}
     if config.model.dtype == "auto":  # as the generator resolves it
         dtypes = {"bfloat16", "float16"} if on_gpu(config) else {"float32"}
@@ -495,10 +502,11 @@ def run_estimate(
     job's own settings on a sample of its pending rows, in a scratch output)."""
     price = price if price is not None else config.resources.gpu_hour_price
     job = plan_job(config)
+    config = prepare(config, ray_address)
     if tuning:
         return estimate_from_tuning(tuning, config, job.pending_rows, price)
     folder = Path(work_dir) if work_dir else default_work_dir("estimate", None) / job.fingerprint["digest"]
-    rows = sample or 4 * config.generation.batch_size * config.resources.actors
+    rows = sample or 4 * config.generation.batch_size * config.resources.max_actors
     sample_path = folder / "sample.parquet"
     sample_manifest(job, rows, sample_path)
     calibration = config.model_copy(

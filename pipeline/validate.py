@@ -136,18 +136,20 @@ class JobPlan:
             lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count:,} rows")
         calls = self.model_calls()
         lines.append(
-            f"batches    {calls:,} model calls (batch size {c.generation.batch_size}) on {c.resources.actors} actor(s)"
-            f" with {c.resources.gpus_per_actor:g} GPU each"
+            f"batches    {calls:,} model calls (batch size {c.generation.batch_size}) on {c.resources.describe()}"
         )
         estimate = self.estimate()
         if estimate is None:
             lines.append("estimate   unknown: no measurement with these settings yet")
         else:
             seconds, source = estimate
-            wall = seconds / c.resources.actors
+            # Automatic placement: as many actors as the previous run resolved.
+            actors = (
+                c.resources.max_actors if c.resources.actors else int((self.previous_stats or {}).get("actors") or 1)
+            )
             lines.append(
-                f"estimate   {human_duration(seconds)} of generator time, about {human_duration(wall)} on "
-                f"{c.resources.actors} actor(s) ({source})"
+                f"estimate   {human_duration(seconds)} of generator time, about {human_duration(seconds / actors)} on "
+                f"{actors} actor(s) ({source})"
             )
         return lines
 

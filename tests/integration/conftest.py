@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,42 +26,83 @@ def _free_port() -> int:
         return port
 
 
-class RayHead(str):
-    """The head's GCS address (a str), and the URL of its node's Prometheus metrics export."""
+@dataclass
+class RayCluster:
+    """A real Ray cluster on loopback: a head (dashboard, no GPUs) and worker nodes with one
+    logical GPU each, all started with `ray start`, with their own auth token."""
 
-    metrics_url: str
+    address: str  # GCS address, for RAY_ADDRESS
+    dashboard: str  # http://127.0.0.1:PORT, for the Jobs API
+    metrics_urls: list[str]  # each node's Prometheus export
+    env: dict[str, str]  # what a client needs: the token file, token auth on
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def _start_node(args: list[str], log: Path, env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while ready not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    if ready not in log.read_text():
+        _stop(process)
+        pytest.fail(f"ray node did not start ({' '.join(args)}):\n{log.read_text()[-3000:]}")
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    # Ray's own processes (GCS, raylet, workers) share the node's session; none may outlive the tests.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    """A real Ray head node started with `ray start` on loopback; yields its GCS address."""
-    folder = tmp_path_factory.mktemp("ray-head")
-    log = folder / "head.log"
-    port, metrics_port = _free_port(), _free_port()
-    # Metrics are pushed to the node's exporter every second instead of every 10.
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """Head + 2 GPU workers (`--num-gpus 1` each: logical GPUs, the actors run on CPU)."""
+    folder = tmp_path_factory.mktemp("ray-cluster")
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
     env = {
-        **os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # A multi-node cluster: Ray's single-node switch off (every node still binds to 127.0.0.1).
+        **os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+        # As on a real node (or in the image), `python` is the environment's interpreter: job entrypoints call it.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        # Metrics are pushed to each node's exporter every second instead of every 10.
         "RAY_metrics_report_interval_ms": "1000",
     }  # fmt: skip
-    with open(log, "w") as handle:
-        process = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-             f"--metrics-export-port={metrics_port}", f"--temp-dir={folder / 'ray'}"],
-            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while "Ray runtime started" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.5)
-    address = RayHead(f"127.0.0.1:{port}")
-    address.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    if "Ray runtime started" not in log.read_text():
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"ray head did not start:\n{log.read_text()[-3000:]}")
-    yield address
-    os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
-    # Ray's own processes (GCS, raylet, workers) share the session; none may outlive the test.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = _free_port(), _free_port()
+    metrics = [_free_port() for _ in range(3)]
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+    cluster = RayCluster(
+        address=f"127.0.0.1:{port}",
+        dashboard=f"http://127.0.0.1:{dashboard}",
+        metrics_urls=[f"http://127.0.0.1:{m}/metrics" for m in metrics],
+        env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+    )
+    try:
+        cluster.processes.append(_start_node(
+            ["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics[0]}",
+             f"--temp-dir={ray_tmp}"],
+            folder / "head.log", env, "Ray runtime started",
+        ))  # fmt: skip
+        for n in (1, 2):
+            cluster.processes.append(_start_node(
+                [f"--address={cluster.address}", "--num-cpus=1", "--num-gpus=1",
+                 f"--metrics-export-port={metrics[n]}"],
+                folder / f"worker-{n}.log", env, "Ray runtime started",
+            ))  # fmt: skip
+        yield cluster
+    finally:
+        for process in reversed(cluster.processes):
+            _stop(process)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
