@@ -674,3 +674,12 @@ def test_crontab_runs_under_flock_so_runs_never_overlap() -> None:
     lock = command.index("flock")
     assert "-n" in command[lock : lock + 4], "a tick that finds a run going must give up, not queue"
     _check_submit(command[lock:], "crontab.example")
+
+
+def test_every_file_the_readme_names_exists() -> None:
+    """The README's commands and text name files of infra/, configs/, docs/, benchmarks/ and jobs/."""
+    readme = (REPO / "README.md").read_text()
+    named = set(re.findall(r"(?<![\w/.-])((?:infra|configs|docs|benchmarks|jobs)/[\w./-]*\w)", readme))
+    assert len(named) > 15
+    missing = sorted(path for path in named if not (REPO / path).exists())
+    assert not missing, f"README names files that do not exist: {missing}"
