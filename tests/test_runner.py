@@ -48,9 +48,11 @@ def test_read_slices_feed_every_actor_in_whole_batches() -> None:
         )
 
     assert read_slice_rows(1_000_000, config(8, 8)) == 256
-    assert read_slice_rows(24, config(1, 4)) == 4  # small jobs too: several tasks per actor
-    assert read_slice_rows(8, config(2, 2)) == 2
-    assert read_slice_rows(10_000, config(8, 16)) == 160  # 10,000 / (8 actors x 8) rounded up to batches
+    assert read_slice_rows(24, config(1, 4)) == 24  # one actor: one slice
+    assert read_slice_rows(8, config(2, 2)) == 2  # two actors: each gets two slices
+    assert read_slice_rows(160, config(1, 4)) == 64
+    # 10,000 / (8 actors x 8) rounded up to whole parts (64 rows by default): no partial parts.
+    assert read_slice_rows(10_000, config(8, 16)) == 192
     assert read_slice_rows(100, config(1, 1000)) == 1000
 
 
