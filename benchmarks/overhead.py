@@ -104,6 +104,11 @@ def main() -> None:
             f"| sdxl-batch run (Ray, actor, encode, write, metadata) | {ours:.1f} | {our_rate:.2f} | "
             f"{our_rate / bare_rate:.2f} |",
             "",
+            f"Generator actor busy fraction (model calls / its working span): {stats['busy_fraction']:.3f}; "
+            f"{stats['generation_images_per_second']:.2f} images/s from its first call to its last "
+            f"({stats['wall_seconds'] - stats['generation_span_seconds']:.1f} s of the run before the first call ended "
+            "or after the last: Ray, model loading, planning, the last parts).",
+            "",
             f"sdxl-batch stage seconds (summed over workers): {stats['stage_seconds']}",
         ]
     )

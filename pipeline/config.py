@@ -21,6 +21,7 @@ Layout = Literal["files", "webdataset"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 OnBadRow = Literal["fail", "skip"]
+Attention = Literal["sdpa", "flash", "eager"]
 
 
 def _weights_source(value: str) -> str:
@@ -94,6 +95,30 @@ class ModelConfig(_Section):
         description="Weights precision. `auto`: bfloat16 on GPUs that support it, else float16; float32 on CPU.",
     )
     device: Device = Field(default="auto", description="`auto` uses CUDA when the actor has a GPU.")
+    attention: Attention = Field(
+        default="sdpa",
+        description=(
+            "Attention kernels: `sdpa` (PyTorch's scaled_dot_product_attention, which picks flash or "
+            "memory-efficient kernels on CUDA), `flash` (SDPA restricted to the flash kernel; CUDA, fp16/bf16), "
+            "`eager` (plain matmul-softmax-matmul, the baseline)."
+        ),
+    )
+    channels_last: bool = Field(
+        default=True, description="UNet and VAE weights in channels_last memory format on CUDA (faster convolutions)."
+    )
+    fuse_qkv: bool = Field(
+        default=True,
+        description="Fuse each attention block's q/k/v projections into one matmul on CUDA (after LoRAs are fused).",
+    )
+    vae_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Decode latents in chunks of this many images (bounds VAE memory at large batches); default: all.",
+    )
+    pinned_copy: bool = Field(
+        default=True,
+        description="Copy the uint8 pixels to page-locked host memory asynchronously on CUDA.",
+    )
     compile: bool = Field(
         default=False,
         description=(

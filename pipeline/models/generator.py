@@ -120,6 +120,7 @@ class ImageGenerator:
         self.pipe: Any = None
         self.device = "cpu"
         self.dtype: Any = None
+        self.techniques: list[str] = []  # speed switches applied at load
         self.cache_dir = default_cache_dir(model.cache_dir)
         # Largest model call that fits: None until an out-of-memory error lowers it.
         self.max_batch: int | None = None
@@ -158,16 +159,21 @@ class ImageGenerator:
                 f"cannot load the pipeline from {source!r}: {error} (with HF_HUB_OFFLINE set, only weights already "
                 "in the Hugging Face cache are available)"
             ) from None
+        self.adopt(pipe)
+        logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, self.dtype)
+
+    def adopt(self, pipe: Any) -> None:
+        """Make a loaded SDXL pipeline this generator's: the preset's scheduler, LoRAs, the
+        device, and the speed switches. (`load` calls it; the GPU benchmark hands it a pipeline
+        of the full SDXL architecture with random weights.)"""
+        if self.dtype is None:
+            self.device = choose_device(self.model.device)
+            self.dtype = choose_dtype(self.model.dtype, self.device)
         pipe.scheduler = make_scheduler(self.preset, pipe.scheduler)
         self._apply_loras(pipe)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        if self.model.compile:
-            import torch
-
-            # Compiled lazily: the first call of each shape pays the compilation.
-            self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=False, dynamic=False)
-        logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, self.dtype)
+        self.techniques = self._apply_techniques(self.pipe)
 
     def vae_ref(self) -> str | None:
         """The VAE to load instead of the pipeline's own, if any.
@@ -233,6 +239,46 @@ class ImageGenerator:
         if self.model.fuse_loras:
             pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
             pipe.unload_lora_weights()
+
+    def _apply_techniques(self, pipe: Any) -> list[str]:
+        """The speed switches of `model` (each measured on its own by benchmarks/gpu_throughput.py);
+        returns the names of those applied. Layout and fusion switches act on CUDA only."""
+        import torch
+
+        applied = []
+        on_cuda = self.device == "cuda"
+        if self.model.attention == "eager":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            pipe.unet.set_attn_processor(AttnProcessor())
+            pipe.vae.set_attn_processor(AttnProcessor())
+            applied.append("attention=eager")
+        elif self.model.attention == "flash":
+            applied.append("attention=flash")  # a kernel choice around each call, see `generate`
+        # After LoRA fusion: unfused LoRA layers wrap the separate q/k/v projections.
+        loras_fused = self.model.fuse_loras or not self.lora_refs()
+        if self.model.fuse_qkv and on_cuda and self.model.attention != "eager" and loras_fused:
+            pipe.fuse_qkv_projections(unet=True, vae=True)
+            applied.append("fuse_qkv")
+        if self.model.channels_last and on_cuda:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            applied.append("channels_last")
+        if self.model.compile:
+            # Compiled lazily: the first call of each batch shape pays the compilation.
+            pipe.unet = torch.compile(pipe.unet, fullgraph=False, dynamic=False)
+            applied.append("compile")
+        return applied
+
+    def _attention_kernels(self) -> Any:
+        """`attention: flash` restricts PyTorch's SDPA to the flash kernel (CUDA, fp16/bf16)."""
+        from contextlib import nullcontext
+
+        if self.model.attention != "flash" or self.device != "cuda":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
     def peak_memory_mb(self) -> float:
         """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
@@ -329,7 +375,7 @@ class ImageGenerator:
         negatives = [n or "" for n in negative_prompts] if settings.negative else None
         # The full LCM UNet takes guidance as an embedding, not as classifier-free guidance.
         cfg = settings.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_kernels():
             with timer("text_encode"):
                 embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
                     prompt=prompts,
@@ -353,14 +399,31 @@ class ImageGenerator:
                     **self.preset.call_kwargs,
                 ).images
             with timer("vae_decode"):
-                images = decode_latents(pipe, latents)
+                chunk = self.model.vae_batch_size or len(prompts)
+                images = torch.cat(
+                    [decode_latents(pipe, latents[i : i + chunk]) for i in range(0, len(latents), chunk)]
+                )
             with timer("to_host"):
                 # Quantise on the device: the copy back moves 4x fewer bytes than float32.
                 pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-                result: np.ndarray = pixels.cpu().numpy()
+                result: np.ndarray = self._to_host(pixels)
         for stage, seconds in timer.seconds.items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         return result
+
+    def _to_host(self, pixels: Any) -> np.ndarray:
+        """Device pixels → numpy; on CUDA (with `pinned_copy`) through page-locked memory, an
+        asynchronous copy that the stage timer's synchronize waits for."""
+        import torch
+
+        if self.device != "cuda" or not self.model.pinned_copy:
+            host: np.ndarray = pixels.cpu().numpy()
+            return host
+        buffer = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        buffer.copy_(pixels, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        pinned: np.ndarray = buffer.numpy()
+        return pinned
 
 
 class StageTimer:
