@@ -60,6 +60,7 @@ format: venv
 bench: venv
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/lora_fusion.py
+	$(BIN)/python benchmarks/gpu_throughput.py
 
 clean:
 	rm -rf $(VENV) outputs .cache .pytest_cache .mypy_cache .ruff_cache
