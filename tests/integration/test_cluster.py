@@ -142,7 +142,11 @@ def test_submit_places_one_actor_per_gpu_on_both_workers(
     assert result.returncode == 0, result.stderr
 
     address = ["--address", ray_cluster.dashboard]
-    result = run_cli("submit", str(config), *address, "--wait", env=ray_cluster.env)
+    # Ray Data hands rows to whichever actor is ready; an actor that finishes loading first can
+    # take all 8 rows before the other is up. Holding the work until both actors are ready (a
+    # Ray Data setting) makes "both GPUs got rows" a property of placement rather than of timing.
+    hold = ["--env", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=180"]
+    result = run_cli("submit", str(config), *address, *hold, "--wait", env=ray_cluster.env)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"Submitted (\S+) to", result.stdout).group(1)  # type: ignore[union-attr]
     assert "Rendered 8 images" in result.stdout and f"{job_id}: SUCCEEDED" in result.stdout
