@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 from pipeline.models.weights import weights_source_problem
@@ -100,11 +109,20 @@ class ModelConfig(_Section):
         description=(
             "Attention kernels: `sdpa` (PyTorch's scaled_dot_product_attention, which picks flash or "
             "memory-efficient kernels on CUDA), `flash` (SDPA restricted to the flash kernel; CUDA, fp16/bf16), "
-            "`eager` (plain matmul-softmax-matmul, the baseline)."
+            "`eager` (plain matmul-softmax-matmul, the baseline). `flash` applies to the UNet's attention while "
+            "denoising only (the kernel takes head widths up to 256, and the VAE's attention is 512 wide) and "
+            "needs a 16-bit `dtype`."
         ),
     )
     channels_last: bool = Field(
-        default=True, description="UNet and VAE weights in channels_last memory format on CUDA (faster convolutions)."
+        default=True, description="UNet weights in channels_last memory format on CUDA (faster convolutions)."
+    )
+    vae_channels_last: bool = Field(
+        default=True,
+        description=(
+            "VAE weights in channels_last memory format on CUDA; a switch of its own because CUDA's GroupNorm "
+            "over NHWC tensors can make the decoder slower (benchmarks/gpu_throughput.py measures both)."
+        ),
     )
     fuse_qkv: bool = Field(
         default=True,
@@ -113,7 +131,11 @@ class ModelConfig(_Section):
     vae_batch_size: int | None = Field(
         default=None,
         ge=1,
-        description="Decode latents in chunks of this many images (bounds VAE memory at large batches); default: all.",
+        description=(
+            "Decode latents in chunks of this many images. Default: chunks of about 4 megapixels (4 images at "
+            "1024x1024, 16 at 512x512): decoding is the peak-memory phase, and an out-of-memory error while "
+            "decoding halves the chunk without denoising again."
+        ),
     )
     pinned_copy: bool = Field(
         default=True,
@@ -123,13 +145,23 @@ class ModelConfig(_Section):
         default=False,
         description=(
             "torch.compile the UNet (the denoising loop's cost). The first batch of each actor pays the "
-            "compilation (tens of seconds to minutes); `sdxl-batch tune` measures whether it pays off."
+            "compilation (tens of seconds to minutes); `sdxl-batch tune` measures whether it pays off. Every "
+            "model call is padded to the batch size so that one compiled shape serves each (size, CFG) pair."
         ),
     )
     cache_dir: str | None = Field(
         default=None,
         description="Local per-node cache for object-store models (default: ~/.cache/sdxl-batch).",
     )
+
+    @model_validator(mode="after")
+    def _flash_needs_16_bit(self) -> ModelConfig:
+        if self.attention == "flash" and self.dtype == "float32":
+            raise ValueError(
+                "attention: flash needs a 16-bit dtype (PyTorch's flash kernel takes float16 and bfloat16 only); "
+                "set model.dtype to bfloat16 or float16, or attention to sdpa"
+            )
+        return self
 
 
 class GenerationConfig(_Section):

@@ -26,7 +26,10 @@ from pipeline.validate import rules_for
 from pipeline.writer import TELEMETRY, ModelInfo, PartWriter
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.config import JobConfig
+    from pipeline.models.generator import ImageGenerator, RenderSettings
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class GenerateImages:
         from pipeline.models.generator import ImageGenerator
 
         _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.on_gpu)
-        self.generator = ImageGenerator(config.model, config.storage)
+        self.generator = ImageGenerator(config.model, config.storage, batch_size=config.generation.batch_size)
         try:
             self.generator.load()
         except SdxlBatchError as error:
@@ -97,8 +100,8 @@ class GenerateImages:
         return self._torch.submit(self._generate, batch).result()
 
     def _generate(self, batch: pa.Table) -> pa.Table:
+        batch, groups = contiguous_groups(batch)
         n = batch.num_rows
-        pixels: list[bytes] = [b""] * n
         seconds = [0.0] * n
         call_sizes = [0] * n
         prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
@@ -106,20 +109,20 @@ class GenerateImages:
         phases_before = dict(self.generator.stage_seconds)
         calls: list[list[float]] = []
         started = time.time()
-        for settings, indices in group_by_settings(batch).items():
+        pixels = PixelColumn([(s.height, s.width) for s, (lo, hi) in groups for _ in range(lo, hi)], self.generator)
+        for settings, (lo, hi) in groups:
             start = time.perf_counter()
-            images, sizes = self.generator.render(
-                [prompts[i] for i in indices], [negatives[i] for i in indices], [seeds[i] for i in indices], settings
+            _, sizes = self.generator.render(
+                prompts[lo:hi], negatives[lo:hi], seeds[lo:hi], settings, out=pixels.rows(lo, hi, settings)
             )
             elapsed = time.perf_counter() - start
-            calls.append([len(indices), elapsed, time.time()])  # images, seconds, when it ended
-            per_image = elapsed / len(indices)
-            for image, size, i in zip(images, sizes, indices, strict=True):
-                pixels[i], seconds[i], call_sizes[i] = image.tobytes(), per_image, size
+            calls.append([hi - lo, elapsed, time.time()])  # images, seconds, when it ended
+            seconds[lo:hi] = [elapsed / (hi - lo)] * (hi - lo)
+            call_sizes[lo:hi] = sizes
         prompt_tokens, limit = self.generator.token_counts(prompts)
         negative_tokens, _ = self.generator.token_counts(negatives)
         columns = {
-            "pixels": pa.array(pixels, pa.large_binary()),
+            "pixels": pixels.to_arrow(),
             "generation_seconds": pa.array(seconds, pa.float64()),
             "render_batch_size": pa.array(call_sizes, pa.int32()),
             "prompt_tokens": pa.array(prompt_tokens, pa.int32()),
@@ -187,6 +190,46 @@ def _placement() -> tuple[str, str, str]:
     gpu_ids = ray.get_gpu_ids()
     gpu = "gpu" + ",".join(str(i) for i in gpu_ids) if gpu_ids else ""
     return context.get_node_id(), actor, gpu
+
+
+def contiguous_groups(batch: pa.Table) -> tuple[pa.Table, list[tuple[RenderSettings, tuple[int, int]]]]:
+    """The batch with rows of equal render settings next to each other, and each group's settings
+    and row range. A batch's rows are independent, so their order within it is free; each model
+    call then writes one contiguous slice of the batch's pixel buffer."""
+    groups = group_by_settings(batch)
+    order = [i for indices in groups.values() for i in indices]
+    if order != list(range(batch.num_rows)):
+        batch = batch.take(pa.array(order, pa.int64()))
+    ranges, start = [], 0
+    for settings, indices in groups.items():
+        ranges.append((settings, (start, start + len(indices))))
+        start += len(indices)
+    return batch, ranges
+
+
+class PixelColumn:
+    """The uint8 pixels of a batch in one host buffer (page-locked on CUDA, see
+    `ImageGenerator.host_pixels`), row after row, handed to Arrow without a copy: the pixels
+    cross from the GPU once, straight into the column the next stage reads."""
+
+    def __init__(self, shapes: list[tuple[int, int]], generator: ImageGenerator):
+        import numpy as np
+
+        sizes = [height * width * 3 for height, width in shapes]
+        self.offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=self.offsets[1:])
+        self.data = generator.host_bytes(int(self.offsets[-1]))
+
+    def rows(self, start: int, end: int, settings: RenderSettings) -> torch.Tensor:
+        """Rows start..end (of equal settings) as one (rows, height, width, 3) view."""
+        view = self.data[int(self.offsets[start]) : int(self.offsets[end])]
+        return view.view(end - start, settings.height, settings.width, 3)
+
+    def to_arrow(self) -> pa.LargeBinaryArray:
+        data = pa.py_buffer(self.data.numpy())  # the buffer keeps the tensor's memory alive
+        return pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(self.offsets) - 1, [None, pa.py_buffer(self.offsets), data]
+        )
 
 
 class EncodeImages:
