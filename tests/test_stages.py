@@ -14,7 +14,7 @@ import pytest
 from pipeline import stages
 from pipeline.config import JobConfig
 from pipeline.errors import SdxlBatchError
-from pipeline.models.generator import ImageGenerator
+from pipeline.models.generator import ImageGenerator, RenderSettings
 
 
 def test_load_and_every_batch_run_on_the_same_thread(
@@ -79,3 +79,40 @@ def test_a_load_error_reaches_the_first_batch(tmp_path: Path, monkeypatch: pytes
     stage = stages.GenerateImages(config)  # the constructor itself does not fail
     with pytest.raises(SdxlBatchError, match="no-such-model"):
         stage(pa.table({"id": ["a"]}))
+
+
+def test_mixed_settings_share_one_pixel_buffer(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of different sizes in one batch: grouped next to each other, rendered into one host
+    buffer that Arrow takes without a copy, each row's pixels those of its own render."""
+    monkeypatch.setattr(stages, "_placement", lambda: ("node", "actor", ""))
+    config = JobConfig.model_validate({
+        "manifest": str(tmp_path / "m.parquet"),
+        "output": str(tmp_path / "out"),
+        "model": {"preset": "tiny", "cache_dir": str(model_cache)},
+        "generation": {"batch_size": 3},
+    })  # fmt: skip
+    stage = stages.GenerateImages(config)
+    sizes = [64, 32, 64]
+    batch = pa.table({
+        "id": ["a", "b", "c"],
+        "prompt": ["a red car", "a blue fish", "a dog"],
+        "negative_prompt": pa.array([None] * 3, pa.string()),
+        "seed": [1, 2, 3],
+        "width": sizes,
+        "height": sizes,
+        "steps": [2] * 3,
+        "guidance_scale": [0.0] * 3,
+    })  # fmt: skip
+    out = stage(batch)
+    assert out.column("id").to_pylist() == ["a", "c", "b"]  # the two 64x64 rows are one model call
+    column = out.column("pixels")
+    assert column.num_chunks == 1 and len(column.chunk(0).buffers()[2]) == (2 * 64 * 64 + 32 * 32) * 3
+    assert out.column("render_batch_size").to_pylist() == [2, 2, 1]
+    generator = stage.generator
+    for row in out.to_pylist():
+        size = row["width"]
+        expected = generator.generate([row["prompt"]], [None], [row["seed"]], RenderSettings(size, size, 2, 0.0))[0]
+        got = np.frombuffer(row["pixels"], np.uint8).reshape(size, size, 3)
+        assert np.abs(got.astype(np.int16) - expected.astype(np.int16)).max() <= 2
