@@ -1,30 +1,45 @@
-"""GPU throughput of the generator: the full SDXL architecture with random weights (no downloads).
+"""The GPU check: one actor's whole model path on the full SDXL architecture with random weights.
 
-    .venv/bin/python benchmarks/gpu_throughput.py                        # on a CUDA machine: everything
-    .venv/bin/python benchmarks/gpu_throughput.py --size tiny            # CPU smoke test (CI runs it)
+    PYTHONPATH=. python3 benchmarks/gpu_throughput.py --quick --results-dir OUT    # CUDA: < 6 min on an H100
+    PYTHONPATH=. python3 benchmarks/gpu_throughput.py                              # CUDA: every preset and batch
+    PYTHONPATH=. python3 benchmarks/gpu_throughput.py --size tiny --quick          # CPU smoke test (in the suite)
 
-Random weights have the real cost: every matmul and convolution of SDXL's UNet (2.6 B parameters),
-VAE decoder and both text encoders runs at full size; only the images are noise. The architecture's
-config values are public facts (stabilityai/stable-diffusion-xl-base-1.0's configs).
+It builds SDXL base 1.0's architecture with random weights (the config values are public facts of
+stabilityai/stable-diffusion-xl-base-1.0; no download), saves it as a diffusers folder plus a
+single-file Lightning UNet (float16 safetensors, as ByteDance publishes it), and then, per row,
+does what a generator actor does: `ImageGenerator.load()` from those files (time to load, time to
+the first image), then steady model calls (`generate`: text encoding, denoising, VAE decoding,
+the copy to the host) after warm-up. Random weights have the real cost: every matmul and
+convolution runs at full size; only the images are noise.
 
-Measures `ImageGenerator.generate` (text encoding, denoising, VAE decoding, uint8 copy to the host:
-the model loop of one actor) after warm-up calls, for each preset and batch size, with the speed
-switches on (the defaults), then with each switch off on its own (ablation). Prints images/s, ms
-per image, peak memory and the achieved TFLOP/s against the FLOP counts of issue 8: one UNet pass at
-1024² ≈ 6.8 TFLOP per image (x2 with classifier-free guidance), the VAE decoder ≈ 10.5 TFLOP,
-both scaling with the pixel count. Writes a markdown table to benchmarks/results/.
+Rows: presets x batch sizes with the default switches, then the ablation: each switch off (or
+changed) on its own, on Lightning 4-step 1024² at batch 8. Each row is appended to the markdown
+table in `--results-dir` as soon as it is measured, so a crash keeps what was measured; a row
+that fails records its error and the run goes on. On a CUDA machine the full size is the
+default, and nothing falls back to the tiny model.
+
+Imports neither ray nor s3fs: a CUDA machine with torch, transformers, peft and safetensors
+needs only diffusers and pydantic added (`../shared/gpu/README.md`).
+
+Figures: images/s and ms/image over the timed calls; busy = the share of their wall time inside
+the model call's phases (GPU-timeline spans from CUDA events; the rest is host time between
+calls); util = NVML's GPU utilisation averaged over them; TFLOP/s against issue 8's counts (one
+UNet pass at 1024² ≈ 6.8 TFLOP per image, x2 with classifier-free guidance; VAE decoder ≈ 10.5;
+both scale with the pixel count).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import platform
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -34,17 +49,52 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models.generator import ImageGenerator, RenderSettings  # noqa: E402
 from pipeline.models.presets import get_preset  # noqa: E402
+from pipeline.telemetry import UtilizationSampler, nvml_reader  # noqa: E402
 
 UNET_TFLOP_1024 = 6.8  # per image, one UNet pass at 1024x1024
 VAE_TFLOP_1024 = 10.5  # per image, VAE decoder at 1024x1024
 PEAK_TFLOPS = 790.0  # dense bf16 matmul an H100/H200 sustains
-# (preset, size): issue 8's list.
-FULL_PRESETS = [
-    ("lightning-1step", 1024), ("lightning-2step", 1024), ("lightning-4step", 1024), ("lightning-8step", 1024),
-    ("turbo", 512), ("sdxl-base", 1024),
-]  # fmt: skip
-SWITCHES = ("channels_last", "fuse_qkv", "pinned_copy", "attention", "dtype")
+ASSUMED_TFLOPS = 300.0  # for the time estimate printed before starting
+ASSUMED_LOAD_GBPS = 1.5  # reading and moving weights, for the same estimate
+TARGET_IMAGES_PER_SECOND, TARGET_BUSY = 10.0, 0.95  # issue 13, Lightning 4-step 1024² bf16 on one H100
 PROMPT = "a photo of an astronaut riding a horse on the moon, cinematic lighting, highly detailed"
+LIGHTNING_UNET = "sdxl_lightning_4step_unet.safetensors"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One load of a generator, then timed rows for each batch size."""
+
+    label: str
+    preset: str
+    batches: tuple[int, ...]
+    switches: dict[str, Any] = field(default_factory=dict)
+    iters: int | None = None  # default: --iters
+
+
+@dataclass
+class Row:
+    label: str
+    preset: str
+    size: int
+    batch: int
+    load_s: float = 0.0
+    first_image_s: float = 0.0  # from the start of load() to the end of the first call
+    images_per_second: float = 0.0
+    ms_per_image: float = 0.0
+    peak_gb: float = 0.0
+    busy: float = 0.0
+    utilization: float | None = None
+    tflop_per_image: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def tflops(self) -> float:
+        return self.images_per_second * self.tflop_per_image
+
+
+# --- the model on disk ----------------------------------------------------------------------
 
 
 def sdxl_components(device: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -71,34 +121,20 @@ def sdxl_components(device: str, dtype: torch.dtype) -> dict[str, Any]:
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
             block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025,
-            # SDXL's VAE must decode in float32 when the model is float16; the fp16-fix VAE does not.
-            force_upcast=dtype != torch.float16,
+            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
         )  # fmt: skip
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                **special,
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **special,
             )
-        )
+        )  # fmt: skip
         text_encoder_2 = CLIPTextModelWithProjection(
             CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                hidden_act="gelu",
-                projection_dim=1280,
-                **special,
+                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, hidden_act="gelu", projection_dim=1280, **special,
             )
-        )
+        )  # fmt: skip
     modules: list[Any] = [unet, vae, text_encoder, text_encoder_2]
     for module in modules:
         module.to(dtype)
@@ -111,203 +147,305 @@ def sdxl_components(device: str, dtype: torch.dtype) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def make_generator(size: str, preset: str, switches: dict[str, Any], cache: dict[str, Any]) -> ImageGenerator:
-    """A generator for `preset` holding the benchmark's pipeline (built once per dtype)."""
+@dataclass(frozen=True)
+class SavedModel:
+    """What the rows load: a diffusers folder, a single-file UNet, and the float16 runs' VAE."""
+
+    folder: Path
+    unet_file: Path
+    fp16_vae: Path
+    gigabytes: float
+
+
+def save_model(root: Path, size: str, device: str) -> SavedModel:
+    """The random-weight model on disk, as an actor finds a real one (bfloat16 folder; float16
+    Lightning file; the float16 runs use a VAE with force_upcast off, as the fp16-fix VAE)."""
     from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
 
-    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
     if size == "tiny":
-        generator = ImageGenerator(ModelConfig(preset="tiny", device=device, cache_dir=cache["tiny_root"], **switches))
-        generator.load()
-        return generator
-    generator = ImageGenerator(ModelConfig(preset=preset, device=device, **switches))
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[switches["dtype"]]
-    key = f"components-{dtype}"
-    if key not in cache:
-        cache.clear()
-        torch.cuda.empty_cache()
-        cache[key] = sdxl_components(device, dtype)
-    generator.device, generator.dtype = device, dtype
-    # A fresh pipeline object over the same modules; fusing and layout switches are undone below.
-    generator.adopt(StableDiffusionXLPipeline(**cache[key]))
-    return generator
+        from pipeline.models.tiny import build_tiny_pipeline
 
-
-def release(generator: ImageGenerator) -> None:
-    """Undo the in-place switches on the shared modules for the next configuration."""
-    pipe = generator.pipe
-    if "fuse_qkv" in generator.techniques:
-        pipe.unfuse_qkv_projections()
-    if "channels_last" in generator.techniques:
-        pipe.unet.to(memory_format=torch.contiguous_format)
-        pipe.vae.to(memory_format=torch.contiguous_format)
-    if generator.model.attention == "eager":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        pipe.unet.set_attn_processor(AttnProcessor2_0())
-        pipe.vae.set_attn_processor(AttnProcessor2_0())
-
-
-def tflop_per_image(steps: int, cfg: bool, pixels: int) -> float:
-    scale = pixels / 1024**2
-    return (steps * UNET_TFLOP_1024 * (2 if cfg else 1) + VAE_TFLOP_1024) * scale
-
-
-@dataclass
-class Result:
-    label: str
-    preset: str
-    size: int
-    batch: int
-    images_per_second: float
-    ms_per_image: float
-    peak_gb: float
-    tflop_per_image: float
-    stages: dict[str, float]
-
-    @property
-    def tflops(self) -> float:
-        return self.images_per_second * self.tflop_per_image
-
-
-def measure(generator: ImageGenerator, preset_name: str, size: int, batch: int, *, warmup: int, iters: int) -> Result:
-    preset = get_preset(preset_name)
-    cfg = preset.guidance_scale > 1.0
-    settings = RenderSettings(
-        width=size, height=size, steps=preset.steps, guidance_scale=preset.guidance_scale, negative=cfg
+        folder = build_tiny_pipeline(root / "sdxl")
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    else:
+        pipe = StableDiffusionXLPipeline(**sdxl_components(device, torch.bfloat16))
+        pipe.save_pretrained(str(root / "sdxl"))  # type: ignore[attr-defined]
+        folder = root / "sdxl"
+    state = {name: tensor.to("cpu", torch.float16).contiguous() for name, tensor in pipe.unet.state_dict().items()}
+    save_file(state, str(root / LIGHTNING_UNET))
+    pipe.vae.register_to_config(force_upcast=False)
+    pipe.vae.save_pretrained(str(root / "vae-fp16-fix"))
+    del pipe, state
+    free_memory()
+    gigabytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e9
+    return SavedModel(
+        folder=folder, unet_file=root / LIGHTNING_UNET, fp16_vae=root / "vae-fp16-fix", gigabytes=gigabytes
     )
-    prompts = [f"{PROMPT}, {i}" for i in range(batch)]
-    negatives: list[str | None] = ["blurry"] * batch if cfg else [None] * batch
-    for i in range(warmup):
-        generator.generate(prompts, negatives, list(range(i * batch, (i + 1) * batch)), settings)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the rows -------------------------------------------------------------------------------
+
+
+def defaults(device: str) -> dict[str, Any]:
+    return {"dtype": "bfloat16" if device == "cuda" else "float32", "attention": "sdpa"}
+
+
+def ablations(base: dict[str, Any], *, compile_too: bool) -> list[Run]:
+    """Each switch off (or changed) on its own, on Lightning 4-step at batch 8."""
+    changes: list[tuple[str, dict[str, Any]]] = [
+        ("all switches on (defaults)", {}),
+        *((f"{name} off", {name: False}) for name in ("channels_last", "vae_channels_last", "fuse_qkv", "pinned_copy")),
+        ("attention eager", {"attention": "eager"}),
+        ("attention flash", {"attention": "flash"}),
+        ("VAE undivided (vae_batch_size 8)", {"vae_batch_size": 8}),
+    ]
+    if base["dtype"] == "bfloat16":
+        changes.append(("float16 (fp16-fix VAE)", {"dtype": "float16"}))
+    if compile_too:
+        changes.append(("compile", {"compile": True}))
+    return [Run(label, "lightning-4step", (8,), {**base, **change}) for label, change in changes]
+
+
+def plan(args: argparse.Namespace, device: str) -> list[Run]:
+    base = defaults(device)
+    if args.presets or args.batch_sizes:
+        presets = (args.presets or "lightning-4step").split(",")
+        batches = tuple(int(b) for b in (args.batch_sizes or "1,4,8,16").split(","))
+        runs = [Run("defaults", preset, batches, base) for preset in presets]
+    elif args.quick:
+        runs = [
+            Run("defaults", "lightning-4step", (4, 8), base),
+            Run("defaults", "turbo", (8,), base),
+            Run("defaults", "sdxl-base", (4,), base, iters=2),
+        ]
+    else:
+        presets = ["lightning-1step", "lightning-2step", "lightning-4step", "lightning-8step", "turbo", "sdxl-base"]
+        runs = [Run("defaults", preset, (1, 4, 8, 16), base) for preset in presets]
+    if not args.no_ablation:
+        runs += ablations(base, compile_too=not args.quick)
+    return runs
+
+
+def image_size(preset: str, size: str) -> int:
+    return get_preset(preset).width if size == "full" else get_preset(preset).width // 16
+
+
+def tflop_per_image(preset: str, pixels: int) -> float:
+    settings = get_preset(preset)
+    passes = settings.steps * (2 if settings.guidance_scale > 1.0 else 1)
+    return (passes * UNET_TFLOP_1024 + VAE_TFLOP_1024) * pixels / 1024**2
+
+
+def estimate_seconds(runs: list[Run], args: argparse.Namespace, model_gb: float) -> float:
+    """Time the plan takes at ASSUMED_TFLOPS and ASSUMED_LOAD_GBPS (full size only)."""
+    seconds = 2 * model_gb / ASSUMED_LOAD_GBPS  # build and save
+    for run in runs:
+        seconds += model_gb / ASSUMED_LOAD_GBPS
+        calls = args.warmup + (run.iters or args.iters)
+        per_image = tflop_per_image(run.preset, image_size(run.preset, "full") ** 2)
+        flop = sum(calls * batch * per_image for batch in run.batches)
+        seconds += flop / ASSUMED_TFLOPS * (3 if run.switches.get("attention") == "eager" else 1)
+        seconds += 180 if run.switches.get("compile") else 0
+    return seconds
+
+
+def model_config(run: Run, model: SavedModel, device: str, cache: Path) -> ModelConfig:
+    preset = get_preset(run.preset)
+    switches = dict(run.switches)
+    if switches.get("dtype") == "float16":
+        switches["vae"] = str(model.fp16_vae)
+    return ModelConfig(
+        preset=run.preset,
+        path=str(model.folder),
+        unet=str(model.unet_file) if preset.unet else None,
+        device=device,  # type: ignore[arg-type]
+        fp16_fix_vae=False,
+        cache_dir=str(cache),
+        **switches,
+    )
+
+
+def measure_run(run: Run, model: SavedModel, args: argparse.Namespace, device: str, cache: Path) -> Iterator[Row]:
+    """Load a generator as an actor does, then time each batch size; the first call after load
+    gives the time to the first image. A failure is recorded in its row (all rows if the load
+    failed) and the next row still runs."""
+    side = image_size(run.preset, args.size)
+    rows = [Row(run.label, run.preset, side, batch) for batch in run.batches]
+    started = time.perf_counter()
+    try:
+        generator = ImageGenerator(model_config(run, model, device, cache), batch_size=max(run.batches))
+        generator.load()
+    except Exception as error:
+        for row in rows:
+            row.error = describe(error)
+        free_memory()
+        yield from rows
+        return
+    rows[0].load_s = time.perf_counter() - started
+    preset = get_preset(run.preset)
+    cfg = preset.guidance_scale > 1.0
+    settings = RenderSettings(side, side, preset.steps, preset.guidance_scale, negative=cfg)
+    read = nvml_reader() if device == "cuda" else None
+    sampler = UtilizationSampler(read, interval=0.1) if read else None
+    try:
+        for i, row in enumerate(rows):
+            prompts = [f"{PROMPT}, {j}" for j in range(row.batch)]
+            negatives: list[str | None] = ["blurry"] * row.batch if cfg else [None] * row.batch
+            try:
+                for call in range(args.warmup):
+                    seeds = list(range(call * row.batch, (call + 1) * row.batch))
+                    generator.generate(prompts, negatives, seeds, settings)
+                    if i == 0 and call == 0:
+                        row.first_image_s = time.perf_counter() - started
+                timed(generator, row, prompts, negatives, settings, run.iters or args.iters, sampler)
+            except Exception as error:
+                row.error = describe(error)
+                free_memory()
+            yield row
+    finally:
+        if sampler:
+            sampler.stop()
+        del generator
+        free_memory()
+
+
+def describe(error: BaseException) -> str:
+    """An error on one table line."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:240].replace("|", "/")
+
+
+def timed(
+    generator: ImageGenerator,
+    row: Row,
+    prompts: list[str],
+    negatives: list[str | None],
+    settings: RenderSettings,
+    iters: int,
+    sampler: UtilizationSampler | None,
+) -> None:
     if generator.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     generator.stage_seconds.clear()
-    start = time.perf_counter()
-    for i in range(iters):
-        generator.generate(prompts, negatives, list(range(i * batch, (i + 1) * batch)), settings)
+    since, start = time.time(), time.perf_counter()
+    for i in range(iters):  # each call into a new (page-locked on CUDA) host buffer, as the stage's
+        generator.generate(prompts, negatives, list(range(i * row.batch, (i + 1) * row.batch)), settings)
     elapsed = time.perf_counter() - start
-    images = batch * iters
-    peak = (
+    images = row.batch * iters
+    row.images_per_second, row.ms_per_image = images / elapsed, 1000 * elapsed / images
+    row.busy = sum(generator.stage_seconds.values()) / elapsed
+    row.utilization = sampler.mean_since(since) if sampler else None
+    row.peak_gb = (
         torch.cuda.max_memory_allocated() / 2**30 if generator.device == "cuda" else generator.peak_memory_mb() / 1024
     )
-    return Result(
-        label="", preset=preset_name, size=size, batch=batch, images_per_second=images / elapsed,
-        ms_per_image=1000 * elapsed / images, peak_gb=peak,
-        tflop_per_image=tflop_per_image(preset.steps, cfg, size * size),
-        stages={k: 1000 * v / images for k, v in generator.stage_seconds.items()},
-    )  # fmt: skip
+    row.tflop_per_image = tflop_per_image(row.preset, settings.width * settings.height)
+    row.stages = {k: 1000 * v / images for k, v in generator.stage_seconds.items()}
 
 
-def defaults(size: str) -> dict[str, Any]:
-    on_gpu = torch.cuda.is_available()
-    dtype = "float32" if size == "tiny" and not on_gpu else "bfloat16"
-    return {"dtype": dtype, "attention": "sdpa", "channels_last": True, "fuse_qkv": True, "pinned_copy": True}
+# --- the table --------------------------------------------------------------------------------
+
+HEADER = (
+    "| run | preset | size | batch | load s | first image s | images/s | ms/image | busy | util % | peak GiB "
+    "| TFLOP/s | % of 790 | text / denoise / vae / host ms |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+)
 
 
-def ablations(base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Every switch off on its own (and the alternatives of attention and precision)."""
-    runs = [("all switches on (defaults)", base)]
-    runs += [(f"{name} off", {**base, name: False}) for name in ("channels_last", "fuse_qkv", "pinned_copy")]
-    runs += [("attention eager", {**base, "attention": "eager"}), ("attention flash", {**base, "attention": "flash"})]
-    if base["dtype"] == "bfloat16":
-        runs.append(("float16 (VAE without float32 upcast, as the fp16-fix VAE)", {**base, "dtype": "float16"}))
-    return runs
+def table_row(row: Row, *, full: bool) -> str:
+    if row.error:
+        return f"| {row.label} | {row.preset} | {row.size} | {row.batch} | error: {row.error} |" + " |" * 9
+    stages = " / ".join(f"{row.stages.get(k, 0.0):.1f}" for k in ("text_encode", "denoise", "vae_decode", "to_host"))
+    load = f"{row.load_s:.1f}" if row.load_s else ""
+    first = f"{row.first_image_s:.1f}" if row.first_image_s else ""
+    util = f"{row.utilization:.0f}" if row.utilization is not None else "-"
+    rate, share = (f"{row.tflops:.0f}", f"{100 * row.tflops / PEAK_TFLOPS:.1f}") if full else ("-", "-")
+    return (
+        f"| {row.label} | {row.preset} | {row.size} | {row.batch} | {load} | {first} | {row.images_per_second:.2f} | "
+        f"{row.ms_per_image:.1f} | {row.busy:.3f} | {util} | {row.peak_gb:.1f} | {rate} | {share} | {stages} |"
+    )
 
 
-def table(results: list[Result], *, on_gpu: bool, full: bool = True) -> str:
-    """Markdown rows; FLOP figures only for the full-size architecture (the counts are SDXL's)."""
-    lines = [
-        "| run | preset | size | batch | images/s | ms/image | peak GiB | TFLOP/image | TFLOP/s | % of 790 |"
-        " text / denoise / vae / host ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+def verdict(rows: list[Row]) -> str:
+    """Issue 13's target, for the full-size Lightning 4-step rows in bfloat16."""
+    candidates = [
+        r for r in rows if r.preset == "lightning-4step" and r.label == "defaults" and not r.error and r.size == 1024
     ]
-    for r in results:
-        stages = " / ".join(f"{r.stages.get(k, 0.0):.1f}" for k in ("text_encode", "denoise", "vae_decode", "to_host"))
-        share = f"{100 * r.tflops / PEAK_TFLOPS:.1f}" if on_gpu and full else "-"
-        flop, rate = (f"{r.tflop_per_image:.1f}", f"{r.tflops:.1f}") if full else ("-", "-")
-        lines.append(
-            f"| {r.label} | {r.preset} | {r.size} | {r.batch} | {r.images_per_second:.2f} | {r.ms_per_image:.1f} | "
-            f"{r.peak_gb:.1f} | {flop} | {rate} | {share} | {stages} |"
-        )
-    return "\n".join(lines)
+    if not candidates:
+        return "target (>= 10 images/s, busy >= 0.95, Lightning 4-step 1024² bf16): not measured in this run"
+    best = max(candidates, key=lambda r: r.images_per_second)
+    met = best.images_per_second >= TARGET_IMAGES_PER_SECOND and best.busy >= TARGET_BUSY
+    return (
+        f"target (>= {TARGET_IMAGES_PER_SECOND:g} images/s, busy >= {TARGET_BUSY}, Lightning 4-step 1024² bf16): "
+        f"{'met' if met else 'NOT met'}: {best.images_per_second:.2f} images/s, busy {best.busy:.3f} "
+        f"at batch {best.batch}"
+    )
+
+
+def write_results(path: Path, rows: list[Row], header: str, *, full: bool, done: bool) -> None:
+    lines = [header, "", HEADER, *(table_row(r, full=full) for r in rows), ""]
+    lines.append(verdict(rows) if done else f"(in progress: {len(rows)} rows so far)")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("full", "tiny"), default="full" if torch.cuda.is_available() else "tiny")
-    parser.add_argument("--presets", default=None, help="comma-separated presets (default: issue 8's list)")
-    parser.add_argument("--batch-sizes", default="1,4,8,16")
-    parser.add_argument("--ablation-preset", default="lightning-4step")
-    parser.add_argument("--ablation-batch", type=int, default=8)
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--size", choices=("full", "tiny"), default="full" if on_gpu else "tiny")
+    parser.add_argument("--quick", action="store_true", help="the short check (< 6 min on one H100)")
+    parser.add_argument("--presets", default=None, help="comma-separated presets instead of the plan's")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes instead of the plan's")
     parser.add_argument("--no-ablation", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument(
-        "--out", default=None, help="markdown file (default: benchmarks/results/gpu_throughput-<device>.md)"
-    )
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--work-dir", default=None, help="where the model is saved (default: a temporary folder)")
     args = parser.parse_args()
 
-    on_gpu = torch.cuda.is_available()
-    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
-    cache: dict[str, Any] = {}
-    tiny_context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    device = "cuda" if on_gpu else "cpu"
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
+    slug = name.lower().replace(" ", "-") if on_gpu else "cpu"
     if args.size == "tiny":
-        import tempfile
-
-        from pipeline.models.tiny import TINY_VERSION, build_tiny_pipeline
-        from pipeline.models.weights import materialize
-
-        tiny_context = tempfile.TemporaryDirectory()
-        folder = tiny_context.__enter__()
-        materialize(Path(folder), f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
-        cache["tiny_root"] = folder
-    presets = (
-        [(p.strip(), 1024 if args.size == "full" else 64) for p in args.presets.split(",")]
-        if args.presets
-        else (FULL_PRESETS if args.size == "full" else [("lightning-4step", 64)])
-    )
-    if args.size == "full":
-        presets = [(name, get_preset(name).width if size == 1024 else size) for name, size in presets]
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    base = defaults(args.size)
-    results: list[Result] = []
-    print(f"device: {device_name}; size: {args.size}; switches: {base}", flush=True)
-    for preset, size in presets:
-        generator = make_generator(args.size, preset, base, cache)
-        for batch in batches:
-            result = measure(generator, preset, size, batch, warmup=args.warmup, iters=args.iters)
-            result.label = "defaults"
-            results.append(result)
-            print(table([result], on_gpu=on_gpu, full=args.size == "full").splitlines()[-1], flush=True)
-        if args.size == "full":
-            release(generator)
-    if not args.no_ablation:
-        preset = args.ablation_preset
-        size = get_preset(preset).width if args.size == "full" else 64
-        for label, switches in ablations(base):
-            generator = make_generator(args.size, preset, switches, cache)
-            result = measure(generator, preset, size, args.ablation_batch, warmup=args.warmup, iters=args.iters)
-            result.label = label
-            results.append(result)
-            print(table([result], on_gpu=on_gpu, full=args.size == "full").splitlines()[-1], flush=True)
-            if args.size == "full":
-                release(generator)
-    tiny_context.__exit__(None, None, None)
-    text = "\n".join([
-        f"# Generator throughput: {device_name}", "",
-        f"`benchmarks/gpu_throughput.py --size {args.size}` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}). "
-        f"Model loop of one actor after {args.warmup} warm-up calls, {args.iters} timed calls per row; "
-        "TFLOP/image from issue 8's counts (UNet 6.8 per pass at 1024², x2 with CFG; VAE 10.5), scaled by pixels.",
-        "", table(results, on_gpu=on_gpu, full=args.size == "full"), "",
+        slug += "-tiny"
+    results = Path(args.results_dir) / f"gpu_throughput-{slug}.md"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    runs = plan(args, device)
+    command = "benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:])
+    header = "\n".join([
+        f"# Generator throughput: {name}", "",
+        f"`{command}` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.size} size). Each run loads "
+        f"an actor's generator from a saved random-weight model, then times {args.warmup} warm-up and "
+        f"{args.iters} calls per row (busy: share of the timed wall time inside the call's phases; util: NVML).",
     ])  # fmt: skip
-    print("\n" + text)
-    slug = "cpu-tiny" if not on_gpu else device_name.lower().replace(" ", "-")
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_throughput-{slug}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written: {out}")
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        root = Path(work)
+        if args.size == "full":
+            gigabytes = 7.0  # SDXL in bfloat16, for the estimate before anything is built
+            minutes = estimate_seconds(runs, args, gigabytes) / 60
+            print(
+                f"estimated time (at {ASSUMED_TFLOPS:g} TFLOP/s, {ASSUMED_LOAD_GBPS:g} GB/s loads): "
+                f"{minutes:.1f} min for {len(runs)} loads",
+                flush=True,
+            )
+        start = time.perf_counter()
+        model = save_model(root, args.size, device)
+        saved = time.perf_counter() - start
+        print(f"device: {name}; model saved ({model.gigabytes:.1f} GB) in {saved:.1f} s", flush=True)
+        rows: list[Row] = []
+        for run in runs:
+            for row in measure_run(run, model, args, device, root / "cache"):
+                rows.append(row)
+                print(table_row(row, full=args.size == "full"), flush=True)
+                write_results(results, rows, header, full=args.size == "full", done=False)
+    write_results(results, rows, header, full=args.size == "full", done=True)
+    print("\n" + results.read_text())
+    print(f"written: {results} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
