@@ -229,7 +229,7 @@ class ImageGenerator:
         the layers it cannot place with a log line only. `model.allow_partial_lora` lets a partial
         match through; `lora_layers_unmatched` then counts the dropped layers for stats.json.
         """
-        from pipeline.models.lora import check_fit, measure_fit
+        from pipeline.models.lora import check_fit, measure_fit, unexpected_key_warnings_held
 
         self.lora_layers_unmatched = 0
         adapters = self.lora_refs()
@@ -238,7 +238,8 @@ class ImageGenerator:
         for name, ref, _ in adapters:
             path = resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir)
             try:
-                pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
+                with unexpected_key_warnings_held():
+                    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as error:
                 raise ModelError(f"LoRA {ref} does not fit this pipeline: {str(error)[:500]}") from None
             fit = measure_fit(pipe, adapter=name, ref=ref, path=path)

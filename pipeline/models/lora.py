@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,6 +66,20 @@ class LoraFit:
         return f"{self.loaded} of its {self.layers} layers match the pipeline, {self.unmatched} do not" + (
             f" ({'; '.join(details)})" if details else ""
         )
+
+
+@contextmanager
+def unexpected_key_warnings_held() -> Iterator[None]:
+    """Hold back diffusers' warning that lists every key it could not place (one line of
+    thousands of keys for a real LoRA, from each actor): `check_fit` reports the same thing with
+    counts and a few layer names, as an error or a short warning."""
+    peft_utils = logging.getLogger("diffusers.utils.peft_utils")
+    level = peft_utils.level
+    peft_utils.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        peft_utils.setLevel(level)
 
 
 def file_layer_names(path: str) -> list[str]:

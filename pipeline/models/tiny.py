@@ -193,16 +193,20 @@ def save_tiny_unet(base: Path, target: Path, *, seed: int, dtype: str = "float16
     return target
 
 
-def tiny_lora_layers(base: Path, *, seed: int, rank: int = 4, text_encoders: bool = False) -> dict[str, dict[str, Any]]:
+def tiny_lora_layers(
+    base: Path, *, seed: int, rank: int = 4, text_encoders: bool = False, unet_overrides: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """A random LoRA made with peft on the tiny pipeline: per component (`unet`, and with
     `text_encoders` both CLIP encoders), the peft state dict `<module>.lora_A.weight` /
-    `<module>.lora_B.weight`, scale 1 (lora_alpha = rank): W' = W + B @ A."""
+    `<module>.lora_B.weight`, scale 1 (lora_alpha = rank): W' = W + B @ A. `unet_overrides`
+    trains it on a variant of the tiny UNet (a LoRA made for another architecture)."""
     import torch
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    models: dict[str, tuple[Any, list[str]]] = {"unet": (tiny_unet(base, seed=0), LORA_TARGETS)}
+    unet = tiny_unet(base, seed=0, **(unet_overrides or {}))
+    models: dict[str, tuple[Any, list[str]]] = {"unet": (unet, LORA_TARGETS)}
     if text_encoders:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -214,7 +218,7 @@ def tiny_lora_layers(base: Path, *, seed: int, rank: int = 4, text_encoders: boo
     layers = {}
     for component, (model, targets) in models.items():
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
-        state = get_peft_model_state_dict(model)
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)
         layers[component] = {k: v * LORA_B_SCALE if ".lora_B." in k else v for k, v in state.items()}
     return layers
 
@@ -261,13 +265,14 @@ def save_tiny_lora(
     layout: LoraLayout = "peft",
     alpha: float | None = None,
     text_encoders: bool = False,
+    unet_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """A random LoRA on the tiny pipeline saved in the layout its published counterpart uses:
     `peft` (diffusers' `save_lora_weights`: `unet.<module>.lora_A.weight`, float32), `kohya`
     (see `kohya_lora_state`; `alpha` defaults to half the rank, so the alpha scaling matters) or
     `legacy` (diffusers before peft: `unet.<module>.lora.down.weight`, text encoders
     `<module>.lora_linear_layer.down.weight`). The same seed gives the same LoRA in every layout."""
-    layers = tiny_lora_layers(base, seed=seed, rank=rank, text_encoders=text_encoders)
+    layers = tiny_lora_layers(base, seed=seed, rank=rank, text_encoders=text_encoders, unet_overrides=unet_overrides)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "kohya":
         from safetensors.torch import save_file
