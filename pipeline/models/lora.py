@@ -160,6 +160,9 @@ def measure_fit(pipe: Any, *, adapter: str, ref: str, path: str) -> LoraFit:
 def check_fit(fit: LoraFit, *, allow_partial: bool) -> int:
     """Raise a ModelError for a LoRA that does not (fully) fit; returns the unmatched layers when
     `allow_partial` lets a partial match through, with a warning."""
+    if fit.layers == 0 and fit.loaded:
+        logger.warning("LoRA %s: its key layout is unknown here, so it is not checked for a partial match", fit.ref)
+        return 0
     if fit.layers == 0:
         raise ModelError(
             f"LoRA {fit.ref} holds no LoRA layers diffusers can read (no lora_down/lora_A weights): it is "

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import ModelError
 from pipeline.models.generator import ImageGenerator, RenderSettings
-from pipeline.models.lora import file_layer_names
-from pipeline.models.tiny import save_tiny_lora, tiny_lora_layers
+from pipeline.models.lora import LoraFit, check_fit, file_layer_names
+from pipeline.models.tiny import LoraLayout, save_tiny_lora, tiny_lora_layers
 
 UNET_LAYERS = 177  # LORA_TARGETS in the tiny UNet: attention, feed-forward, conv and time_emb_proj layers
 TEXT_LAYERS = 30  # q/k/v/out projections and fc1/fc2 of 5 CLIP layers, per text encoder
@@ -55,8 +55,8 @@ def _save(path: Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "legacy"])
-def test_every_layout_is_read_layer_for_layer(layout: str, tiny_dir: Path, tmp_path: Path) -> None:
-    path = save_tiny_lora(tiny_dir, tmp_path, "lora.safetensors", seed=5, layout=layout, text_encoders=True)  # type: ignore[arg-type]
+def test_every_layout_is_read_layer_for_layer(layout: LoraLayout, tiny_dir: Path, tmp_path: Path) -> None:
+    path = save_tiny_lora(tiny_dir, tmp_path, "lora.safetensors", seed=5, layout=layout, text_encoders=True)
     names = file_layer_names(str(path))
     assert len(names) == UNET_LAYERS + 2 * TEXT_LAYERS
     if layout == "kohya":
@@ -70,12 +70,12 @@ def test_every_layout_is_read_layer_for_layer(layout: str, tiny_dir: Path, tmp_p
 
 @pytest.mark.parametrize("layout", ["kohya", "legacy"])
 def test_a_lora_in_any_layout_fuses_and_renders_as_in_peft_layout(
-    layout: str, tiny_dir: Path, model_cache: Path, tmp_path: Path
+    layout: LoraLayout, tiny_dir: Path, model_cache: Path, tmp_path: Path
 ) -> None:
     # kohya's file stores lora_up = B * rank / alpha with alpha 1 != rank 4: only a loader that
     # scales by alpha / rank gets back W + B @ A, the weights the peft file gives.
     peft = save_tiny_lora(tiny_dir, tmp_path, "peft.safetensors", seed=5, text_encoders=True)
-    other = save_tiny_lora(tiny_dir, tmp_path, "other.safetensors", seed=5, layout=layout, alpha=1, text_encoders=True)  # type: ignore[arg-type]
+    other = save_tiny_lora(tiny_dir, tmp_path, "other.safetensors", seed=5, layout=layout, alpha=1, text_encoders=True)
     base, reference, loaded = (_load(model_cache, **lora) for lora in ({}, {"lora": str(peft)}, {"lora": str(other)}))
     base_w, reference_w, loaded_w = _weights(base), _weights(reference), _weights(loaded)
     changed = [k for k in base_w if not torch.equal(base_w[k], reference_w[k])]
@@ -146,7 +146,7 @@ def test_extra_layers_in_peft_layout_are_caught_too(tiny_dir: Path, model_cache:
     state = load_file(str(save_tiny_lora(tiny_dir, tmp_path, "p.safetensors", seed=5)))
     extra = "unet.up_blocks.3.attentions.0.proj_in"
     state |= {f"{extra}.lora_A.weight": torch.zeros(4, 64), f"{extra}.lora_B.weight": torch.zeros(64, 4)}
-    with pytest.raises(ModelError, match=rf"{UNET_LAYERS} of its {UNET_LAYERS + 1} layers .* not loaded: {extra}"):
+    with pytest.raises(ModelError, match=rf"{UNET_LAYERS} of its {UNET_LAYERS + 1} layers .*\(not loaded: {extra}\)"):
         _load(model_cache, lora=str(_save(tmp_path / "extra.safetensors", state)))
 
 
@@ -187,3 +187,15 @@ def test_the_hub_stand_ins_use_the_published_layouts(tiny_hub: Path, tmp_path: P
         "hf://tianweiy/DMD2/dmd2_sdxl_4step_unet_fp16.bin",
     ):
         assert {v.dtype for v in state(ref).values()} == {torch.float16}, ref
+
+
+def test_the_verdicts_and_their_wording() -> None:
+    with pytest.raises(ModelError, match="holds no LoRA layers diffusers can read"):
+        check_fit(LoraFit(ref="x.safetensors", layers=0, loaded=0), allow_partial=True)
+    fit = LoraFit(ref="x", layers=12, loaded=4, unmatched_names=tuple(f"unet.m{i}" for i in range(7)), dropped=1)
+    assert fit.summary() == (
+        "4 of its 12 layers match the pipeline, 8 do not (not loaded: unet.m0, unet.m1, unet.m2, unet.m3, unet.m4 "
+        "and 2 more; 1 discarded by diffusers' conversion of the file's keys)"
+    )
+    assert check_fit(fit, allow_partial=True) == 8
+    assert check_fit(LoraFit(ref="x", layers=0, loaded=3), allow_partial=False) == 0  # a layout we cannot count
