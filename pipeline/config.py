@@ -153,6 +153,14 @@ class ModelConfig(_Section):
         default=None,
         description="Local per-node cache for object-store models (default: ~/.cache/sdxl-batch).",
     )
+    allow_partial_lora: bool = Field(
+        default=False,
+        description=(
+            "Load a LoRA of which only some layers exist in the pipeline, rendering without the others "
+            "(a warning, and `lora_layers_unmatched` in stats.json). By default such a LoRA, usually one "
+            "made for another base model, stops the job."
+        ),
+    )
 
     @model_validator(mode="after")
     def _flash_needs_16_bit(self) -> ModelConfig:

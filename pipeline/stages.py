@@ -166,6 +166,7 @@ class GenerateImages:
             "calls": calls,
             "gpu_utilization": utilization,
             "gpu_memory_peak_mb": memory_mb if on_gpu else None,
+            "lora_layers_unmatched": generator.lora_layers_unmatched,
         })  # fmt: skip
 
 

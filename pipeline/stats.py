@@ -23,12 +23,22 @@ def job_label(output: str) -> str:
 
 def merge_telemetry(records: list[str | None]) -> dict[str, Any]:
     """Merge the generator's per-batch measurements (JSON, one per batch) of one part."""
-    merged: dict[str, Any] = {"oom_retries": 0, "stage_seconds": {}, "calls": [], "workers": {}}
+    merged: dict[str, Any] = {
+        "oom_retries": 0,
+        "lora_layers_unmatched": 0,
+        "stage_seconds": {},
+        "calls": [],
+        "workers": {},
+    }
     for record in records:
         if not record:
             continue
         data = json.loads(record)
         merged["oom_retries"] += int(data.get("oom_retries", 0))
+        # A property of the loaded model, the same in every batch of every actor: the largest, not a sum.
+        merged["lora_layers_unmatched"] = max(
+            merged["lora_layers_unmatched"], int(data.get("lora_layers_unmatched", 0))
+        )
         for stage, seconds in data.get("stage_seconds", {}).items():
             merged["stage_seconds"][stage] = merged["stage_seconds"].get(stage, 0.0) + float(seconds)
         calls = data.get("calls", [])
@@ -133,6 +143,7 @@ class JobStats:
     prompts_truncated: int = 0
     negative_prompts_truncated: int = 0
     min_render_batch_size: int = 0
+    lora_layers_unmatched: int = 0
     per_actor: Counter[str] = field(default_factory=Counter)
     per_node: Counter[str] = field(default_factory=Counter)
     phase_seconds: Counter[str] = field(default_factory=Counter)
@@ -153,6 +164,7 @@ class JobStats:
         self.call_seconds.extend(float(call[1]) for call in record.get("calls") or [])
         self.prompts_truncated += int(record.get("prompts_truncated", 0))
         self.negative_prompts_truncated += int(record.get("negative_prompts_truncated", 0))
+        self.lora_layers_unmatched = max(self.lora_layers_unmatched, int(record.get("lora_layers_unmatched", 0)))
         smallest = int(record.get("min_render_batch_size", 0))
         if smallest:
             self.min_render_batch_size = min(self.min_render_batch_size or smallest, smallest)
@@ -236,6 +248,7 @@ class JobStats:
             "min_render_batch_size": self.min_render_batch_size,
             "prompts_truncated": self.prompts_truncated,
             "negative_prompts_truncated": self.negative_prompts_truncated,
+            "lora_layers_unmatched": self.lora_layers_unmatched,
             "rows_per_actor": dict(self.per_actor),
             "rows_per_node": dict(self.per_node),
             "per_actor": actors,

@@ -66,3 +66,19 @@ def test_cpu_jobs_have_no_gpu_figures() -> None:
     record = stats.to_dict(wall_seconds=3.0, manifest_rows=2, extra={})
     assert record["per_gpu"] == {} and record["gpu_utilization_percent"] is None
     assert record["peak_gpu_memory_mb"] is None and record["per_actor"]["x"]["gpu_utilization_percent"] is None
+
+
+def test_unmatched_lora_layers_are_a_property_of_the_model_not_a_sum() -> None:
+    # Every batch of every actor reports the count of the LoRA it loaded (model.allow_partial_lora).
+    def batch(actor: str, unmatched: int | None) -> str:
+        data = {"actor": actor, "node": "n", "rows": 1, "calls": [[1, 1.0, 5.0]]}
+        return json.dumps(data if unmatched is None else {**data, "lora_layers_unmatched": unmatched})
+
+    first, second = _part([batch("a", 3), batch("a", 3)], 2), _part([batch("b", 3), batch("c", None)], 2)
+    assert first["lora_layers_unmatched"] == 3
+    stats = JobStats()
+    stats.add_part(first)
+    stats.add_part(second)
+    stats.add_part({key: value for key, value in second.items() if key != "lora_layers_unmatched"})  # older record
+    assert stats.to_dict(wall_seconds=1.0, manifest_rows=4, extra={})["lora_layers_unmatched"] == 3
+    assert JobStats().to_dict(wall_seconds=1.0, manifest_rows=0, extra={})["lora_layers_unmatched"] == 0

@@ -253,16 +253,26 @@ class ImageGenerator:
         Unfused, every LoRA-wrapped layer runs two extra small matmuls per call; fusing folds
         W + scale * B @ A into W once at load, and unloading the adapters afterwards removes the
         wrappers, so a LoRA preset then costs exactly what the full model costs per image.
+
+        Each file must fit the pipeline layer for layer (`pipeline.models.lora`): diffusers drops
+        the layers it cannot place with a log line only. `model.allow_partial_lora` lets a partial
+        match through; `lora_layers_unmatched` then counts the dropped layers for stats.json.
         """
+        from pipeline.models.lora import check_fit, measure_fit, unexpected_key_warnings_held
+
+        self.lora_layers_unmatched = 0
         adapters = self.lora_refs()
         if not adapters:
             return
         for name, ref, _ in adapters:
             path = resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir)
             try:
-                pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
+                with unexpected_key_warnings_held():
+                    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as error:
                 raise ModelError(f"LoRA {ref} does not fit this pipeline: {str(error)[:500]}") from None
+            fit = measure_fit(pipe, adapter=name, ref=ref, path=path)
+            self.lora_layers_unmatched += check_fit(fit, allow_partial=self.model.allow_partial_lora)
         names = [name for name, _, _ in adapters]
         pipe.set_adapters(names, adapter_weights=[weight for _, _, weight in adapters])
         if self.model.fuse_loras:

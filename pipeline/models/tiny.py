@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 INIT_SEED = 0
 _CORPUS = (
     "food photography, cheesecake, blueberries and jam, cinnamon, in a luxurious Michelin kitchen style, "
@@ -145,9 +145,19 @@ def build_tiny_pipeline(folder: str | os.PathLike[str]) -> Path:
 # as in production, but loads random-weight miniatures: for the tests and the demo's comparison.
 
 _SNAPSHOT = "0000000000000000000000000000000000000000"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# What the acceleration LoRAs adapt: the attention and feed-forward projections and, as LCM-LoRA's
+# training script does (`lora_target_modules` of diffusers' train_lcm_distill_lora_sdxl_wds.py),
+# every ResNet convolution, the resamplers and the time-embedding projections.
+LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # Strong enough that a LoRA visibly changes a tiny image, small enough to stay numerically tame.
 LORA_B_SCALE = 1.0
+LoraLayout = Literal["peft", "kohya", "legacy"]
+# Component name in diffusers' LoRA files -> prefix of the same component in kohya's files.
+_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def _snapshot(hub: Path, repo_id: str) -> Path:
@@ -168,22 +178,117 @@ def tiny_unet(base: Path, *, seed: int, **overrides: Any) -> Any:
     return UNet2DConditionModel.from_config(config)
 
 
-def save_tiny_lora(base: Path, folder: Path, weight_name: str, *, seed: int, rank: int = 4) -> Path:
-    """A LoRA made with peft on the tiny UNet, saved in diffusers' LoRA format as the repos ship it."""
+def save_tiny_unet(base: Path, target: Path, *, seed: int, dtype: str = "float16") -> Path:
+    """A UNet state dict as the distilled checkpoints ship theirs: float16 (Lightning's
+    `*_unet.safetensors`, DMD2's `*_fp16.bin`), so loading them exercises the dtype cast."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
+
+    state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tiny_unet(base, seed=seed).state_dict().items()}
+    if target.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(target))
+    else:
+        torch.save(state, target)
+    return target
+
+
+def tiny_lora_layers(
+    base: Path, *, seed: int, rank: int = 4, text_encoders: bool = False, unet_overrides: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """A random LoRA made with peft on the tiny pipeline: per component (`unet`, and with
+    `text_encoders` both CLIP encoders), the peft state dict `<module>.lora_A.weight` /
+    `<module>.lora_B.weight`, scale 1 (lora_alpha = rank): W' = W + B @ A. `unet_overrides`
+    trains it on a variant of the tiny UNet (a LoRA made for another architecture)."""
+    import torch
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = tiny_unet(base, seed=0)
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.mul_(LORA_B_SCALE)
+    unet = tiny_unet(base, seed=0, **(unet_overrides or {}))
+    models: dict[str, tuple[Any, list[str]]] = {"unet": (unet, LORA_TARGETS)}
+    if text_encoders:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        models["text_encoder"] = (CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder"), TEXT_LORA_TARGETS)
+        models["text_encoder_2"] = (
+            CLIPTextModelWithProjection.from_pretrained(str(base), subfolder="text_encoder_2"),
+            TEXT_LORA_TARGETS,
+        )
+    layers = {}
+    for component, (model, targets) in models.items():
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)
+        layers[component] = {k: v * LORA_B_SCALE if ".lora_B." in k else v for k, v in state.items()}
+    return layers
+
+
+def kohya_lora_state(layers: dict[str, dict[str, Any]], *, alpha: float, dtype: str = "float16") -> dict[str, Any]:
+    """The same LoRA in kohya-ss's layout, as SDXL-Lightning, LCM-LoRA and Hyper-SD publish theirs:
+    `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (text
+    encoders: `lora_te1_` / `lora_te2_` + `text_model_...`), in float16.
+
+    A loader scales each layer by alpha / rank, so `lora_up` holds B * rank / alpha: the same
+    W + B @ A as the peft layout when alpha is honoured, and a different one when it is not.
+    """
+    import torch
+
+    state: dict[str, Any] = {}
+    for component, weights in layers.items():
+        for key, down in weights.items():
+            if ".lora_A." not in key:
+                continue
+            module = key.split(".lora_A.")[0]
+            if component != "unet" and not module.startswith("text_model."):
+                module = "text_model." + module  # kohya names CLIP modules as transformers 4 did
+            up = weights[key.replace(".lora_A.", ".lora_B.")]
+            name = _KOHYA_PREFIXES[component] + module.replace(".", "_")
+            rank = down.shape[0]
+            state[f"{name}.lora_down.weight"] = down.to(getattr(torch, dtype)).contiguous()
+            state[f"{name}.lora_up.weight"] = (up * (rank / alpha)).to(getattr(torch, dtype)).contiguous()
+            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=getattr(torch, dtype))
+    return state
+
+
+def _legacy_keys(weights: dict[str, Any], *, text: bool) -> dict[str, Any]:
+    down, up = (".lora_linear_layer.down.", ".lora_linear_layer.up.") if text else (".lora.down.", ".lora.up.")
+    return {k.replace(".lora_A.", down).replace(".lora_B.", up): v for k, v in weights.items()}
+
+
+def save_tiny_lora(
+    base: Path,
+    folder: Path,
+    weight_name: str,
+    *,
+    seed: int,
+    rank: int = 4,
+    layout: LoraLayout = "peft",
+    alpha: float | None = None,
+    text_encoders: bool = False,
+    unet_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """A random LoRA on the tiny pipeline saved in the layout its published counterpart uses:
+    `peft` (diffusers' `save_lora_weights`: `unet.<module>.lora_A.weight`, float32), `kohya`
+    (see `kohya_lora_state`; `alpha` defaults to half the rank, so the alpha scaling matters) or
+    `legacy` (diffusers before peft: `unet.<module>.lora.down.weight`, text encoders
+    `<module>.lora_linear_layer.down.weight`). The same seed gives the same LoRA in every layout."""
+    layers = tiny_lora_layers(base, seed=seed, rank=rank, text_encoders=text_encoders, unet_overrides=unet_overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "kohya":
+        from safetensors.torch import save_file
+
+        save_file(kohya_lora_state(layers, alpha=alpha or rank / 2), str(folder / weight_name))
+        return folder / weight_name
+    if layout == "legacy":
+        layers = {component: _legacy_keys(weights, text=component != "unet") for component, weights in layers.items()}
+    from diffusers import StableDiffusionXLPipeline
+
     StableDiffusionXLPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=get_peft_model_state_dict(unet), weight_name=weight_name
+        str(folder),
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers.get("text_encoder"),
+        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+        weight_name=weight_name,
     )
     return folder / weight_name
 
@@ -193,7 +298,6 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     import shutil
 
     import torch
-    from safetensors.torch import save_file
 
     from pipeline.models.presets import FP16_FIX_VAE, SDXL_BASE, SDXL_TURBO
 
@@ -213,27 +317,28 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
     (turbo / "model_index.json").write_text(json.dumps(index))
 
+    # Each file in the layout and precision of its published counterpart: float16 UNet state dicts,
+    # kohya-layout float16 LoRAs with conv and time-embedding layers (Lightning, Hyper-SD, LCM-LoRA),
+    # and TCD-LoRA in diffusers' peft layout.
     lightning = _snapshot(hub, "ByteDance/SDXL-Lightning")
     for seed, steps in enumerate((1, 2, 4, 8), start=10):
-        name = f"sdxl_lightning_{steps}step_unet{'_x0' if steps == 1 else ''}.safetensors"
-        save_file(
-            {k: v.contiguous() for k, v in tiny_unet(base, seed=seed).state_dict().items()}, str(lightning / name)
+        save_tiny_unet(
+            base, lightning / f"sdxl_lightning_{steps}step_unet{'_x0' if steps == 1 else ''}.safetensors", seed=seed
         )
         if steps > 1:
-            save_tiny_lora(base, lightning, f"sdxl_lightning_{steps}step_lora.safetensors", seed=seed)
+            save_tiny_lora(base, lightning, f"sdxl_lightning_{steps}step_lora.safetensors", seed=seed, layout="kohya")
     hyper = _snapshot(hub, "ByteDance/Hyper-SD")
     for seed, name in enumerate(
         ("Hyper-SDXL-1step-lora", "Hyper-SDXL-2steps-lora", "Hyper-SDXL-4steps-lora", "Hyper-SDXL-8steps-lora"),
         start=20,
     ):
-        save_tiny_lora(base, hyper, f"{name}.safetensors", seed=seed)
-    save_tiny_lora(
-        base, _snapshot(hub, "latent-consistency/lcm-lora-sdxl"), "pytorch_lora_weights.safetensors", seed=30
-    )
+        save_tiny_lora(base, hyper, f"{name}.safetensors", seed=seed, layout="kohya")
+    lcm_lora = _snapshot(hub, "latent-consistency/lcm-lora-sdxl")
+    save_tiny_lora(base, lcm_lora, "pytorch_lora_weights.safetensors", seed=30, layout="kohya")
     save_tiny_lora(base, _snapshot(hub, "h1t/TCD-SDXL-LoRA"), "pytorch_lora_weights.safetensors", seed=31)
     # LCM-SDXL's UNet takes the guidance scale as an embedding (time_cond_proj_dim).
     tiny_unet(base, seed=32, time_cond_proj_dim=32).save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")))
-    torch.save(tiny_unet(base, seed=33).state_dict(), _snapshot(hub, "tianweiy/DMD2") / "dmd2_sdxl_4step_unet_fp16.bin")
+    save_tiny_unet(base, _snapshot(hub, "tianweiy/DMD2") / "dmd2_sdxl_4step_unet_fp16.bin", seed=33)
     from diffusers import AutoencoderKL
 
     vae_folder = _snapshot(hub, FP16_FIX_VAE)

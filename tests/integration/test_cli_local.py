@@ -78,6 +78,33 @@ def test_batch_size_does_not_change_images(tmp_path: Path, model_cache: Path) ->
         assert np.abs(images[1][row_id] - images[4][row_id]).max() <= 2
 
 
+def test_a_partly_matching_lora_is_counted_in_stats_when_allowed(
+    tmp_path: Path, model_cache: Path, tiny_dir: Path
+) -> None:
+    from pipeline.models.tiny import save_tiny_lora
+
+    # A LoRA made on a deeper variant of the tiny UNet: 60 of its layers have no module here.
+    deeper = {"transformer_layers_per_block": [1, 3]}
+    lora = save_tiny_lora(tiny_dir, tmp_path, "deeper.safetensors", seed=6, layout="kohya", unet_overrides=deeper)
+    output = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.yaml",
+        manifest=str(write_manifest(tmp_path / "m.parquet", prompt_rows(2))),
+        output=str(output),
+        model={"preset": "tiny", "cache_dir": str(model_cache), "loras": [{"path": str(lora)}]},
+        generation={"batch_size": 2, "steps": 2, "width": 64, "height": 64},
+        resources={"actors": 1},
+    )
+    refused = run_cli("run", str(config), "--no-progress")
+    assert refused.returncode != 0 and "only partly fits this pipeline" in refused.stderr
+    assert "allow_partial_lora" in refused.stderr and not (output / "metadata").exists()
+    assert "Traceback" not in refused.stderr and "unexpected keys" not in refused.stderr  # one message, not 120 keys
+    result = run_cli("run", str(config), "--no-progress", "--set", "model.allow_partial_lora=true")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["rows"] == 2 and stats["lora_layers_unmatched"] == 60
+
+
 def test_malformed_manifest_fails_before_rendering(tmp_path: Path, model_cache: Path) -> None:
     rows = prompt_rows(3)
     rows[2]["prompt"] = None
