@@ -134,6 +134,7 @@ class ImageGenerator:
         self.max_decode_pixels: int | None = None
         self.oom_retries = 0
         self.stage_seconds: dict[str, float] = {}  # seconds per phase, summed over calls
+        self.lora_layers_unmatched = 0  # layers of partly matching LoRAs left out (`allow_partial_lora`)
 
     @property
     def model_name(self) -> str:
