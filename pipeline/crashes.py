@@ -88,9 +88,9 @@ def worker_death(
     return None
 
 
-def _deaths(max_retries: int, restarted: str) -> str:
+def _deaths(max_retries: int, restarted: str, retries: str) -> str:
     if max_retries == 0:
-        return f"once (resources.max_retries: 0, so Ray {restarted} it no more)"
+        return f"once (resources.max_retries: 0, no {retries})"
     return f"{max_retries + 1} times: Ray {restarted} it resources.max_retries={max_retries} times"
 
 
@@ -102,9 +102,10 @@ def _actor_died(text: str, max_retries: int, failed: FailedStage | None) -> Work
     else:
         doing = "while loading the model or rendering a batch"
     where = f" (pid {pid}" + (f" on node {node})" if node else ")") if pid else ""
+    deaths = _deaths(max_retries, "restarted", "restarts")
     return WorkerDiedError(
-        f"the generator actor's process died {doing}, {_deaths(max_retries, 'restarted')}. Last death{where}: "
-        f"{_ray_detail(text)}. A death that repeats is the model, the GPU driver or other native code crashing the "
+        f"the generator actor's process died {doing}, {deaths}. Last death{where}: "
+        f"{_ray_detail(text)}. Deaths like this are the model, the GPU driver or other native code crashing the "
         "process (a corrupt or incompatible weight file, a driver/CUDA mismatch), or the node running out of "
         f"memory: see the process's log, {LOGS.replace('PID', pid or '<pid>')}. If the deaths were transient "
         "(nodes lost or preempted), raise resources.max_retries; the same command resumes from the committed parts."
@@ -115,8 +116,8 @@ def _task_died(text: str, max_retries: int, failed: FailedStage | None) -> Worke
     stage = failed.stage if failed is not None else None
     task = f"{'an' if stage and stage[0] in 'aeiou' else 'a'} {stage} task" if stage else "a read, encode or write task"
     return WorkerDiedError(
-        f"the worker process running {task} died {_deaths(max_retries, 'retried')}. Last death: "
-        f"{_ray_detail(text)}. A death that repeats on the same rows is native code crashing the process (an image "
+        f"the worker process running {task} died {_deaths(max_retries, 'retried', 'retries')}. Last death: "
+        f"{_ray_detail(text)}. Deaths like this are native code crashing the process (an image "
         f"or storage library), or the node running out of memory: see the process's log, "
         f"{LOGS.replace('PID', '<pid>')} (the console names the pid above). If the deaths were transient (nodes "
         "lost or preempted), raise resources.max_retries; the same command resumes from the committed parts."
