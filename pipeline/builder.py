@@ -9,6 +9,9 @@ back to denoising; the writer batches rows into commit units (`write.rows_per_pa
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pipeline.models.presets import get_preset
@@ -19,7 +22,7 @@ from pipeline.writer import ModelInfo
 if TYPE_CHECKING:
     import ray.data
 
-    from pipeline.config import JobConfig
+    from pipeline.config import JobConfig, ResourcesConfig
 
 # Light stages reserve fractions of a CPU so that, on a small machine, they run beside the
 # generator actors instead of queueing behind them.
@@ -50,17 +53,49 @@ def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
 
 
+def retry_bounds(resources: ResourcesConfig, *, actor: bool) -> dict[str, Any]:
+    """Ray remote options that bound how often a stage's dead workers are replaced.
+
+    Ray Data's defaults are unbounded (tasks `max_retries=-1`; actors `max_restarts=-1` and
+    `max_task_retries=-1`), so a process that dies every time (a corrupt weight file that
+    segfaults on load, a GPU driver crashing in the first kernel) is restarted for ever: measured
+    in Ray 2.60, a job whose generator dies on load, on every batch, or whose encode task dies,
+    was still looping after 120 s. A bound of `resources.max_retries` still rides out a lost node
+    or a one-off crash. Ray counts an actor's restarts over its lifetime, not consecutively.
+    """
+    bound = resources.max_retries
+    if actor:
+        return {"max_restarts": bound, "max_task_retries": bound}
+    return {"max_retries": bound}
+
+
+@contextmanager
+def _remote_args_allowed() -> Iterator[None]:
+    """Ray 2.60's map_batches takes the retry bounds only as extra Ray remote args, which it
+    deprecates (for named parameters it does not have yet) with a warning on the user's console.
+    Ray is pinned; tests/integration/test_crashes.py fails if an upgrade drops the bounds."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        yield
+
+
 def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
     """The graph over read `tasks` (a manifest `Fragment`'s fields plus `skip`: the indices inside
     it that are done or rejected, dropped in the read stage). `config` has its placement resolved
     (`runner.resolve_resources`)."""
+    with _remote_args_allowed():
+        return _graph(config, tasks)
+
+
+def _graph(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
     import ray.data
 
     defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
     resources = config.resources
+    tasks_retry = retry_bounds(resources, actor=False)
     dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     dataset = dataset.map_batches(
-        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
+        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
     )
     dataset = dataset.map_batches(
         GenerateImages,
@@ -71,13 +106,19 @@ def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Da
         num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
         runtime_env=generator_runtime_env(config) or None,
+        **retry_bounds(resources, actor=True),
     )
     dataset = dataset.map_batches(
-        EncodeImages(config), batch_size=config.generation.batch_size, batch_format="pyarrow", num_cpus=ENCODE_CPUS
+        EncodeImages(config),
+        batch_size=config.generation.batch_size,
+        batch_format="pyarrow",
+        num_cpus=ENCODE_CPUS,
+        **tasks_retry,
     )
     return dataset.map_batches(
         WriteParts(config, model_info(config)),
         batch_size=config.write.rows_per_part,
         batch_format="pyarrow",
         num_cpus=WRITE_CPUS,
+        **tasks_retry,
     )

@@ -404,6 +404,14 @@ COMMANDS = {
 }
 
 
+def _disconnect_ray() -> None:
+    """Workers' console lines (a crashed process's dump) keep streaming to the driver after a job
+    has failed; disconnecting first makes our error the last thing printed."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -413,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SdxlBatchError as error:
+        _disconnect_ray()
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -235,6 +235,18 @@ class ResourcesConfig(_Section):
         ge=0.0,
         description="Price of one GPU-hour (one node-hour on CPU) for `estimate` and `tune` costs; any currency.",
     )
+    max_retries: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description=(
+            "Times a crashed worker is replaced before the job stops: each generator actor is restarted (and "
+            "reloads the model) at most this many times over the job, and each batch or read/encode/write task "
+            "is retried at most this many times, after its process dies (a lost node, a one-off crash). Small, "
+            "because a crash that repeats (a corrupt weight file, a bad GPU driver) would otherwise reload and "
+            "crash for ever; a stopped job resumes from its committed parts."
+        ),
+    )
 
     @field_validator("actors")
     @classmethod

@@ -37,3 +37,8 @@ class StorageError(SdxlBatchError):
 
 class ModelError(SdxlBatchError):
     """A model preset or its weights cannot be resolved or loaded."""
+
+
+class WorkerDiedError(SdxlBatchError):
+    """A worker process (a generator actor, a read/encode/write task) died more often than
+    `resources.max_retries` allows: a crash that repeats rather than a lost node."""

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.builder import build_dataset, model_info
+from pipeline.crashes import watch_failed_stage, worker_death
 from pipeline.errors import SdxlBatchError, StorageError
 from pipeline.io import filesystem, full_uri, join, write_bytes
 from pipeline.ledger import clear_output
@@ -289,7 +290,7 @@ def _execute(
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
     dataset = build_dataset(config, tasks)
-    with _progress_bar(remaining, enabled=progress) as bar:
+    with _progress_bar(remaining, enabled=progress) as bar, watch_failed_stage() as failed:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 assert isinstance(batch, pa.Table)
@@ -297,7 +298,7 @@ def _execute(
                     stats.add_part(json.loads(row["record"]))
                     bar.update(int(row["rows"]))
         except Exception as error:
-            cause = user_error(error)
+            cause = user_error(error) or worker_death(error, max_retries=config.resources.max_retries, failed=failed)
             if cause is not None:
                 raise cause from None
             raise

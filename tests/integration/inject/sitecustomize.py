@@ -1,9 +1,19 @@
-"""Test-only fault injection for processes the tests cannot reach directly (Ray's actor workers).
+"""Test-only fault injection for processes the tests cannot reach directly (Ray's workers).
 
-A test puts this folder on PYTHONPATH and sets SDXL_BATCH_TEST_OOM_ABOVE=N; every Python process
-started with that environment imports this module at start-up (`site`), and when it imports
-`pipeline.models.generator`, `ImageGenerator.generate` raises torch's out-of-memory error for
-calls of more than N images, as a GPU without enough memory would. Nothing in `pipeline/` knows.
+A test puts this folder on PYTHONPATH and sets one of the variables below; every Python process
+started with that environment imports this module at start-up (`site`), and patches the named
+module when it is imported. Nothing in `pipeline/` knows.
+
+- SDXL_BATCH_TEST_OOM_ABOVE=N: `ImageGenerator.generate` raises torch's out-of-memory error for
+  calls of more than N images, as a GPU without enough memory would.
+- SDXL_BATCH_TEST_CRASH=load|generate|encode: the process kills itself with SIGSEGV in
+  `ImageGenerator.load` (a corrupt weight file that segfaults), in `ImageGenerator.generate` (a
+  bad driver crashing in the first kernel) or in `encode_batch` (a CPU task's worker dying), as
+  native code would: no Python exception, the process is gone.
+- SDXL_BATCH_TEST_CRASH_ONCE=PATH (with SDXL_BATCH_TEST_CRASH): crash only the first time,
+  across processes (the first crash creates PATH): a transient failure that a retry recovers.
+- SDXL_BATCH_TEST_CRASH_LOG=PATH (with SDXL_BATCH_TEST_CRASH): each crash appends a line to PATH,
+  so a test can count them (Ray deduplicates the workers' lines on the driver's console).
 """
 
 from __future__ import annotations
@@ -12,15 +22,48 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import signal
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-TARGET = "pipeline.models.generator"
 LIMIT = os.environ.get("SDXL_BATCH_TEST_OOM_ABOVE")
+CRASH = os.environ.get("SDXL_BATCH_TEST_CRASH")
+CRASH_ONCE = os.environ.get("SDXL_BATCH_TEST_CRASH_ONCE")
+CRASH_LOG = os.environ.get("SDXL_BATCH_TEST_CRASH_LOG")
 
 
-def _patch(module: ModuleType, limit: int) -> None:
+def _crash(where: str) -> None:
+    if CRASH_ONCE:
+        try:
+            os.close(os.open(CRASH_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # crashed once already
+    line = f"sdxl-batch tests: injected SIGSEGV in {where} (pid {os.getpid()})\n"
+    if CRASH_LOG:
+        with open(CRASH_LOG, "a", encoding="utf-8") as log:
+            log.write(line)
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _crashing(where: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        _crash(where)
+        return original(*args, **kwargs)
+
+    return call
+
+
+def _patch_generator(module: ModuleType) -> None:
+    if CRASH in ("load", "generate"):
+        cls = module.ImageGenerator
+        setattr(cls, CRASH, _crashing(f"ImageGenerator.{CRASH}", getattr(cls, CRASH)))
+    if LIMIT is None:
+        return
+    limit = int(LIMIT)
     original = module.ImageGenerator.generate
 
     def generate(self: Any, prompts: list[str], *args: Any, **kwargs: Any) -> Any:
@@ -33,12 +76,26 @@ def _patch(module: ModuleType, limit: int) -> None:
     module.ImageGenerator.generate = generate
 
 
+def _patch_encoding(module: Any) -> None:
+    # Before pipeline.stages imports the name.
+    module.encode_batch = _crashing("encode_batch", module.encode_batch)
+
+
+PATCHES: dict[str, Callable[[ModuleType], None]] = {}
+if LIMIT is not None or CRASH in ("load", "generate"):
+    PATCHES["pipeline.models.generator"] = _patch_generator
+if CRASH == "encode":
+    PATCHES["pipeline.encoding"] = _patch_encoding
+
+
 class _Injector(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != TARGET or LIMIT is None:
+        patch = PATCHES.pop(name, None)
+        if patch is None:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        if not PATCHES:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # no longer ours to find: the name is popped
         if spec is None or spec.loader is None:
             return spec
         loader: Any = spec.loader
@@ -46,11 +103,11 @@ class _Injector(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module: ModuleType) -> None:
             exec_module(module)
-            _patch(module, int(str(LIMIT)))
+            patch(module)
 
         loader.exec_module = exec_and_patch
         return spec
 
 
-if LIMIT is not None:
+if PATCHES:
     sys.meta_path.insert(0, _Injector())
