@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 TINY_VERSION = "1"
+# The tiny Hugging Face cache's own version; 2: fp16 single-file UNets, LCM's fp16 variant.
+TINY_HUB_VERSION = "2"
 INIT_SEED = 0
 _CORPUS = (
     "food photography, cheesecake, blueberries and jam, cinnamon, in a luxurious Michelin kitchen style, "
@@ -168,6 +170,13 @@ def tiny_unet(base: Path, *, seed: int, **overrides: Any) -> Any:
     return UNet2DConditionModel.from_config(config)
 
 
+def fp16_state(module: Any) -> dict[str, Any]:
+    """A module's tensors in float16, contiguous, as the published single-file UNets hold them."""
+    import torch
+
+    return {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+
+
 def save_tiny_lora(base: Path, folder: Path, weight_name: str, *, seed: int, rank: int = 4) -> Path:
     """A LoRA made with peft on the tiny UNet, saved in diffusers' LoRA format as the repos ship it."""
     import torch
@@ -198,7 +207,7 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     from pipeline.models.presets import FP16_FIX_VAE, SDXL_BASE, SDXL_TURBO
 
     hub = Path(hub)
-    complete = hub / f".sdxl-batch-tiny-hub-v{TINY_VERSION}"
+    complete = hub / f".sdxl-batch-tiny-hub-v{TINY_HUB_VERSION}"
     if complete.exists():
         return hub
     base = _snapshot(hub, SDXL_BASE)
@@ -216,9 +225,7 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     lightning = _snapshot(hub, "ByteDance/SDXL-Lightning")
     for seed, steps in enumerate((1, 2, 4, 8), start=10):
         name = f"sdxl_lightning_{steps}step_unet{'_x0' if steps == 1 else ''}.safetensors"
-        save_file(
-            {k: v.contiguous() for k, v in tiny_unet(base, seed=seed).state_dict().items()}, str(lightning / name)
-        )
+        save_file(fp16_state(tiny_unet(base, seed=seed)), str(lightning / name))  # fp16, as published
         if steps > 1:
             save_tiny_lora(base, lightning, f"sdxl_lightning_{steps}step_lora.safetensors", seed=seed)
     hyper = _snapshot(hub, "ByteDance/Hyper-SD")
@@ -231,9 +238,12 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
         base, _snapshot(hub, "latent-consistency/lcm-lora-sdxl"), "pytorch_lora_weights.safetensors", seed=30
     )
     save_tiny_lora(base, _snapshot(hub, "h1t/TCD-SDXL-LoRA"), "pytorch_lora_weights.safetensors", seed=31)
-    # LCM-SDXL's UNet takes the guidance scale as an embedding (time_cond_proj_dim).
-    tiny_unet(base, seed=32, time_cond_proj_dim=32).save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")))
-    torch.save(tiny_unet(base, seed=33).state_dict(), _snapshot(hub, "tianweiy/DMD2") / "dmd2_sdxl_4step_unet_fp16.bin")
+    # LCM-SDXL's UNet takes the guidance scale as an embedding (time_cond_proj_dim); the repo ships
+    # float32 weights and an fp16 variant beside them.
+    lcm = tiny_unet(base, seed=32, time_cond_proj_dim=32)
+    lcm.save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")))
+    lcm.half().save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")), variant="fp16")
+    torch.save(fp16_state(tiny_unet(base, seed=33)), _snapshot(hub, "tianweiy/DMD2") / "dmd2_sdxl_4step_unet_fp16.bin")
     from diffusers import AutoencoderKL
 
     vae_folder = _snapshot(hub, FP16_FIX_VAE)
