@@ -106,16 +106,24 @@ def mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, .
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:_EXAMPLES])}, ...)")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:_EXAMPLES])}, ...)")
+    problems = [
+        f"{_count(len(keys), adjective + ' key')} ({_examples(keys)})"
+        for adjective, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
     for key in reshaped[:_EXAMPLES]:
         problems.append(f"{key} has shape {list(found[key])}, the model expects {list(expected[key])}")
     if len(reshaped) > _EXAMPLES:
-        problems.append(f"{len(reshaped) - _EXAMPLES} more keys of another shape")
+        problems.append(f"{_count(len(reshaped) - _EXAMPLES, 'more key')} of another shape")
     return "; ".join(problems) or None
+
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:_EXAMPLES]) + (", ..." if len(keys) > _EXAMPLES else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def converted_copy(source: torch.Tensor, *, dtype: torch.dtype, device: str, owned: bool) -> torch.Tensor:
