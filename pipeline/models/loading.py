@@ -8,24 +8,28 @@ shape that differs is a `ModelError` raised before any tensor is read. `.safeten
 never code) are accepted.
 
 Why not `from_config` + `load_state_dict` + a cast, as before: `from_config` builds a full float32
-UNet and runs its random initialisation on the CPU (141 s for SDXL's 2.6 B parameters on the one
-thread Ray gives a GPU actor), and the random weights, the checkpoint and the cast copy were in
-host memory at once (~15 GB per actor, 8 actors per node). Here the UNet is built on the meta
-device (shapes only: no memory, no initialisation), then the checkpoint is streamed one tensor at
-a time into a tensor allocated on the target device in the target dtype, and the module adopts
+UNet and runs its random initialisation on the CPU (issue 13 measured 141 s for SDXL's 2.6 B
+parameters on the one thread Ray gives a GPU actor; 14 s on our 2-core AMD EPYC), and the float32
+weights sat in host memory next to the mapped checkpoint: peak RSS 3.0x the file (14.4 GiB for
+SDXL), 2.0x of it the process's own, per actor, 8 actors per node. Here the UNet is built on the
+meta device (shapes only: no memory, no initialisation), then the checkpoint is streamed one tensor
+at a time into a tensor allocated on the target device in the target dtype, and the module adopts
 those tensors (`load_state_dict(assign=True)`).
 
 How each tensor is read, and why: safetensors' `safe_open` with its `pread` backend reads each
-tensor into a buffer of its own, which is converted (or moved to the GPU) and then dropped. The
-other candidate, the default `mmap` backend, maps the whole file: every page it touches stays in the
-process's resident set until the file is closed, so peak RSS reaches checkpoint + model (2x the
-file for a 16-bit model on the CPU) although those pages are the kernel's page cache (file-backed,
-shared by the actors of a node, reclaimable). With `pread`, peak RSS and peak anonymous memory are
-both about the model plus one tensor on the CPU (1.0x the file for a 16-bit model), and about one
-tensor on CUDA. Measured by benchmarks/load_time.py (results in benchmarks/results/load_time.md):
-both backends take about the same time; `pread` is the one that meets the memory target on peak
-RSS as well as on anonymous memory. `.bin` files are read with `torch.load(mmap=True)`, the only
-lazy reader torch has for them.
+tensor into a buffer of its own, which becomes the parameter when no conversion is needed, or is
+converted (or moved to the GPU) and dropped. The other candidate, the default `mmap` backend, maps
+the whole file: every page it touches stays in the process's resident set until the file is closed,
+so peak RSS reaches checkpoint + model, although those pages are the kernel's page cache
+(file-backed, shared by the actors of a node, reclaimable). Measured on a full-size SDXL UNet
+(benchmarks/load_time.py, one thread, file in the page cache; benchmarks/results/load_time.md): to
+a 16-bit model on the CPU, `pread` peaks at 1.00-1.05x the file in RSS and in anonymous memory;
+`mmap` at 1.0x in anonymous memory but 2.0x in RSS, and is about 20 % faster (one memory copy less
+per tensor). Both take under 2x the time of reading the file into memory (old path: 4x, and 3.0x
+the file in RSS). `pread` is the default because it meets the memory target on both measures, so an
+actor's RSS says what it really holds; on CUDA it should hold about one tensor on the host (not yet
+measured: no GPU was lent to these sessions). `.bin` files are read with `torch.load(mmap=True)`,
+the only lazy reader torch has for them.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Backend = Literal["pread", "mmap"]
-# See the module docstring: same speed, and pread keeps peak RSS at the model's size.
+# See the module docstring: pread keeps peak RSS at the model's size, mmap is ~20 % faster.
 DEFAULT_BACKEND: Backend = "pread"
 _EXAMPLES = 3  # key names quoted in a mismatch message
 
