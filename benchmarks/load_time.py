@@ -80,6 +80,11 @@ class Method:
     device: str = "cpu"
     backend: str = "pread"
 
+    @property
+    def name(self) -> str:
+        """What `--methods` selects it by: read-pread, read-mmap, old, new-DTYPE-BACKEND-DEVICE."""
+        return f"new-{self.dtype}-{self.backend}-{self.device}" if self.kind == "new" else self.kind
+
 
 def methods(*, skip_old: bool, cuda: bool) -> list[Method]:
     found = [Method("read (pread): load_file, every tensor read into memory", "read-pread")]
@@ -315,6 +320,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="reuse this checkpoint (built there if missing; kept)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint built under /tmp")
     parser.add_argument("--skip-old", action="store_true", help="leave out the old path (minutes, ~15 GB)")
+    parser.add_argument(
+        "--methods", help="only these, and the read reference (comma-separated: read-mmap, old, new-bfloat16-pread-cpu)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="processes per method (the old path runs once)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/load_time[-tiny].md")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a child process
@@ -338,6 +346,8 @@ def main() -> None:
         with safe_open(str(checkpoint), "pt") as file:
             tensors = len(list(file.keys()))
         plan = methods(skip_old=args.skip_old, cuda=torch.cuda.is_available())
+        if args.methods:
+            plan = [m for m in plan if m.name in args.methods.split(",") or m.kind == "read-pread"]
         rows = run_rounds(plan, checkpoint, args.size, args.repeats)
         text = "\n".join(header(args, checkpoint, tensors) + table(rows, checkpoint.stat().st_size)) + "\n"
     finally:
