@@ -3,7 +3,7 @@
 Contract: `load_unet_file(config, path, dtype=..., device=...)` returns the UNet described by
 `config` holding exactly the checkpoint's tensors (floating-point ones converted to `dtype`), every
 one on `device`. The checkpoint must fit the config exactly: a missing key, an unexpected key or a
-shape that differs is a `ModelError` raised before any tensor is read. `.safetensors` files and
+shape that differs is a `ModelError` raised before any tensor is copied. `.safetensors` files and
 `.bin` torch pickles (DMD2 ships one; read with `weights_only=True`, so a file can carry tensors,
 never code) are accepted.
 
