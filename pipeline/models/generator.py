@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ModelError
+from pipeline.models.loading import load_unet_file
 from pipeline.models.presets import FP16_FIX_VAE, Preset, get_preset
 from pipeline.models.weights import (
     default_cache_dir,
+    fp16_variant,
     is_file_ref,
-    load_state_dict_file,
     resolve_folder,
     resolve_pipeline_source,
     resolve_weights_file,
@@ -220,18 +221,18 @@ class ImageGenerator:
         return None
 
     def _load_unet(self, source: str, ref: str) -> Any:
+        """The UNet of `ref`: a diffusers folder (its fp16 variant for a 16-bit model, where it has
+        one), or a single checkpoint file in the base pipeline's UNet config, streamed straight
+        into the model's dtype on its device (see `pipeline.models.loading`)."""
         from diffusers import UNet2DConditionModel
 
         if not is_file_ref(ref):
             folder = resolve_folder(ref, storage=self.storage, cache_dir=self.cache_dir, marker="config.json")
-            return UNet2DConditionModel.from_pretrained(folder, dtype=self.dtype)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
+            variant = fp16_variant(folder, self.dtype)
+            return UNet2DConditionModel.from_pretrained(folder, dtype=self.dtype, variant=variant)
+        config = UNet2DConditionModel.load_config(source, subfolder="unet")
         path = resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir)
-        try:
-            unet.load_state_dict(load_state_dict_file(path))
-        except RuntimeError as error:
-            raise ModelError(f"UNet weights {ref} do not fit the base pipeline's UNet: {str(error)[:500]}") from None
-        return unet if unet.dtype == self.dtype else unet.to(self.dtype)
+        return load_unet_file(config, path, dtype=self.dtype, device=self.device, name=ref)
 
     def _load_vae(self, ref: str) -> Any:
         from diffusers import AutoencoderKL

@@ -14,7 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-TINY_VERSION = "2"
+TINY_VERSION = "1"  # the tiny pipeline itself
+# The tiny Hugging Face cache's own version; 3: float16 single-file UNets, LCM's fp16 variant,
+# LoRAs in the published files' layouts.
+TINY_HUB_VERSION = "3"
 INIT_SEED = 0
 _CORPUS = (
     "food photography, cheesecake, blueberries and jam, cinnamon, in a luxurious Michelin kitchen style, "
@@ -178,12 +181,19 @@ def tiny_unet(base: Path, *, seed: int, **overrides: Any) -> Any:
     return UNet2DConditionModel.from_config(config)
 
 
-def save_tiny_unet(base: Path, target: Path, *, seed: int, dtype: str = "float16") -> Path:
+def fp16_state(module: Any) -> dict[str, Any]:
+    """A module's tensors in float16, contiguous, as the published single-file UNets hold them."""
+    import torch
+
+    return {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+
+
+def save_tiny_unet(base: Path, target: Path, *, seed: int) -> Path:
     """A UNet state dict as the distilled checkpoints ship theirs: float16 (Lightning's
     `*_unet.safetensors`, DMD2's `*_fp16.bin`), so loading them exercises the dtype cast."""
     import torch
 
-    state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tiny_unet(base, seed=seed).state_dict().items()}
+    state = fp16_state(tiny_unet(base, seed=seed))
     if target.suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -302,7 +312,7 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     from pipeline.models.presets import FP16_FIX_VAE, SDXL_BASE, SDXL_TURBO
 
     hub = Path(hub)
-    complete = hub / f".sdxl-batch-tiny-hub-v{TINY_VERSION}"
+    complete = hub / f".sdxl-batch-tiny-hub-v{TINY_HUB_VERSION}"
     if complete.exists():
         return hub
     base = _snapshot(hub, SDXL_BASE)
@@ -336,8 +346,11 @@ def build_tiny_hub(hub: str | os.PathLike[str]) -> Path:
     lcm_lora = _snapshot(hub, "latent-consistency/lcm-lora-sdxl")
     save_tiny_lora(base, lcm_lora, "pytorch_lora_weights.safetensors", seed=30, layout="kohya")
     save_tiny_lora(base, _snapshot(hub, "h1t/TCD-SDXL-LoRA"), "pytorch_lora_weights.safetensors", seed=31)
-    # LCM-SDXL's UNet takes the guidance scale as an embedding (time_cond_proj_dim).
-    tiny_unet(base, seed=32, time_cond_proj_dim=32).save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")))
+    # LCM-SDXL's UNet takes the guidance scale as an embedding (time_cond_proj_dim); the repo ships
+    # float32 weights and an fp16 variant beside them.
+    lcm = tiny_unet(base, seed=32, time_cond_proj_dim=32)
+    lcm.save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")))
+    lcm.half().save_pretrained(str(_snapshot(hub, "latent-consistency/lcm-sdxl")), variant="fp16")
     save_tiny_unet(base, _snapshot(hub, "tianweiy/DMD2") / "dmd2_sdxl_4step_unet_fp16.bin", seed=33)
     from diffusers import AutoencoderKL
 

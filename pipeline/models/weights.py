@@ -23,6 +23,8 @@ from pipeline.io import filesystem, is_remote
 from pipeline.models.presets import TINY
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.config import StorageConfig
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -128,14 +130,55 @@ def resolve_pipeline_source(path: str, *, storage: StorageConfig | None, cache_d
     return resolve_folder(path, storage=storage, cache_dir=cache_dir, marker="model_index.json")
 
 
+# Where a diffusers model folder keeps its fp16 weights beside the default (float32) ones: one file,
+# or the index of a sharded checkpoint (named as diffusers' `_add_variant` names it).
+_FP16_FILES = ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors.index.fp16.json")
+
+
+def fp16_variant(folder: str, dtype: torch.dtype) -> str | None:
+    """The variant `from_pretrained` should load for a 16-bit model: "fp16" where the folder ships one.
+
+    Reading the fp16 file reads half the bytes of the float32 default and allocates no float32
+    copy. diffusers 0.42 does not fall back to the default file when an asked-for variant is
+    missing (it logs an error and raises), so the variant is only asked for after this check.
+    `folder` is a local folder or a hub id; for a hub id the variant counts as present when it is
+    in the local Hugging Face cache or, online, in the repo (it is then downloaded: it is the file
+    that will be loaded). For bfloat16 the fp16 values are converted: they are the weights the
+    model's authors publish for 16-bit inference.
+    """
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if os.path.isdir(folder):
+        present = any(os.path.isfile(os.path.join(folder, name)) for name in _FP16_FILES)
+    else:
+        present = any(_in_hub_repo(folder, name) for name in _FP16_FILES)
+    return "fp16" if present else None
+
+
+def _in_hub_repo(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id=repo_id, filename=filename)
+    except EntryNotFoundError:  # also LocalEntryNotFoundError: offline (or unreachable) and not cached
+        return False
+    return True
+
+
 def is_file_ref(ref: str) -> bool:
     """Whether a weights reference names one file (a checkpoint) rather than a diffusers folder."""
     return ref.rstrip("/").endswith((".safetensors", ".bin", ".pt", ".pth"))
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
-    """Tensors of a checkpoint file. `.bin` files (DMD2 ships one) load with `weights_only=True`,
-    which refuses pickled code: a checkpoint can carry tensors, never programs."""
+    """Tensors of a checkpoint file, all at once. `.bin` files (DMD2 ships one) load with
+    `weights_only=True`, which refuses pickled code: a checkpoint can carry tensors, never programs.
+
+    UNet checkpoints do not come through here: `pipeline.models.loading` streams them, one tensor
+    at a time, straight into the target dtype and device."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
