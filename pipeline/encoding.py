@@ -33,8 +33,9 @@ def pixel_rows(column: pa.ChunkedArray) -> Iterator[np.ndarray]:
     """Each row of a binary column as a uint8 array over Arrow's own buffer (no copy; an image at
     1024² is 3 MB, and `to_pylist` would copy every one into a Python bytes object)."""
     for chunk in column.chunks:
-        offsets = chunk.offsets.to_numpy()
-        data = chunk.buffers()[2]
+        _, offsets_buffer, data = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
         for start, end in itertools.pairwise(offsets):
             yield np.frombuffer(data, dtype=np.uint8, count=int(end - start), offset=int(start))
 

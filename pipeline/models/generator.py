@@ -174,15 +174,10 @@ class ImageGenerator:
         logger.info("loaded %s from %s on %s (%s)", self.preset.name, source, self.device, self.dtype)
 
     def adopt(self, pipe: Any) -> None:
-        """Make a loaded SDXL pipeline this generator's: the preset's scheduler, LoRAs, the
-        device, and the speed switches. (`load` calls it; the GPU benchmark hands it a pipeline
-        of the full SDXL architecture with random weights.)"""
+        """Make a loaded SDXL pipeline (in `self.dtype`) this generator's: the preset's scheduler,
+        LoRAs, the device, and the speed switches."""
         import torch
 
-        if self.dtype is None:
-            self.device = choose_device(self.model.device)
-            self.dtype = choose_dtype(self.model.dtype, self.device)
-        self._check_attention()
         pipe.scheduler = make_scheduler(self.preset, pipe.scheduler)
         self._apply_loras(pipe)
         pipe.set_progress_bar_config(disable=True)
