@@ -28,7 +28,7 @@ a 16-bit model on the CPU, `pread` peaks at 1.00-1.05x the file in RSS and in an
 per tensor). Both take under 2x the time of reading the file into memory (old path: 4x, and 3.0x
 the file in RSS). `pread` is the default because it meets the memory target on both measures, so an
 actor's RSS says what it really holds; on CUDA it should hold about one tensor on the host (not yet
-measured: no GPU was lent to these sessions). `.bin` files are read with `torch.load(mmap=True)`,
+measured: no GPU was lent to these sessions). `.bin` files are read with `torch.load(weights_only=True, mmap=True)`,
 the only lazy reader torch has for them.
 """
 

@@ -55,7 +55,7 @@ NEEDLES = {
     "access key, base64": base64.b64encode(KEY.encode()),
     "canary marker": b"LEAKCANARY",
 }
-UNSAFE_LOADERS = r"yaml\.(unsafe_)?load\(|yaml\.(Unsafe|Full)?Loader|\bpickle\.loads?\(|\beval\(|\bexec\("
+UNSAFE_LOADERS = r"yaml\.(unsafe_)?load\(|yaml\.(Unsafe|Full)?Loader|\bpickle\.loads?\(|(?<![.\w])(eval|exec)\("
 OTHER_SCHEMES = ["http://example.com/w", "https://example.com/w", "ftp://example.com/w", "gs://bucket/w"]
 
 
