@@ -61,6 +61,7 @@ bench: venv
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/lora_fusion.py
 	$(BIN)/python benchmarks/gpu_throughput.py
+	$(BIN)/python benchmarks/load_time.py
 
 clean:
 	rm -rf $(VENV) outputs .cache .pytest_cache .mypy_cache .ruff_cache
