@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pipeline.errors import WorkerDiedError
+from pipeline.errors import WorkerDiedError, exception_chain
 
 # Our stage classes, as they appear in Ray Data's operator names ("MapBatches(EncodeImages)").
 STAGES = {"ReadManifest": "read", "GenerateImages": "generate", "EncodeImages": "encode", "WriteParts": "write"}
@@ -72,19 +72,11 @@ def worker_death(
     Ray reports it as an ActorDiedError too, with `actor_init_failed` set."""
     import ray.exceptions
 
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in exception_chain(error):
         if isinstance(current, ray.exceptions.ActorDiedError) and not current.actor_init_failed:
             return _actor_died(str(current), max_retries, failed)
         if isinstance(current, ray.exceptions.WorkerCrashedError | ray.exceptions.OutOfMemoryError):
             return _task_died(str(current), max_retries, failed)
-        cause = getattr(current, "cause", None)
-        stack.extend([current.__cause__, current.__context__, cause if isinstance(cause, BaseException) else None])
     return None
 
 

@@ -5,6 +5,8 @@ The CLI prints these without a traceback and exits non-zero; anything else is a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class SdxlBatchError(Exception):
     """Base class of every error caused by the user's input or environment."""
@@ -42,3 +44,17 @@ class ModelError(SdxlBatchError):
 class WorkerDiedError(SdxlBatchError):
     """A worker process (a generator actor, a read/encode/write task) died more often than
     `resources.max_retries` allows: a crash that repeats rather than a lost node."""
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception it wraps, each once, depth first: a Ray task error's original
+    exception (`.cause`) first, then `__cause__` and `__context__`."""
+    seen: set[int] = set()
+    stack: list[object] = [error]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend([current.__context__, current.__cause__, getattr(current, "cause", None)])

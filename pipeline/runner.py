@@ -20,7 +20,7 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.builder import build_dataset, model_info
 from pipeline.crashes import watch_failed_stage, worker_death
-from pipeline.errors import SdxlBatchError, StorageError
+from pipeline.errors import SdxlBatchError, StorageError, exception_chain
 from pipeline.io import filesystem, full_uri, join, write_bytes
 from pipeline.ledger import clear_output
 from pipeline.stats import JobStats
@@ -306,22 +306,11 @@ def _execute(
 
 def user_error(error: BaseException) -> SdxlBatchError | None:
     """Find our own error inside the exceptions Ray wraps around a failed task."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)  # a RayTaskError: prefer the original exception
-        if isinstance(cause, BaseException):
-            stack.append(cause)
-            continue
+    for current in exception_chain(error):
         if isinstance(current, SdxlBatchError):
             # Ray Data appends its retry advice to the message; the user needs ours alone.
             message = str(current).split("\nFailed to apply UDF transform")[0]
             return current if message == str(current) else type(current)(message)
-        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
     return _error_in_text(error)
 
 
