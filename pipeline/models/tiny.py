@@ -64,7 +64,7 @@ def _train_tokenizer() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def _components() -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab, merges = _train_tokenizer()
@@ -98,18 +98,7 @@ def _components() -> dict[str, Any]:
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text 32, as SDXL's layout
         cross_attention_dim=64,  # both text encoders' hidden states concatenated, as in SDXL
     )
-    torch.manual_seed(INIT_SEED)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 32, 64, 64],  # four blocks: 8x downsampling, like SDXL's VAE
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=128,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_vae()
     torch.manual_seed(INIT_SEED)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(INIT_SEED)
@@ -126,6 +115,26 @@ def _components() -> dict[str, Any]:
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer,
     }
+
+
+def tiny_vae(block_out_channels: tuple[int, ...] = (32, 32, 64, 64)) -> Any:
+    """The tiny VAE: four blocks, 8x downsampling like SDXL's. Its decoder's mid-block attention is
+    one head as wide as the last block (512 in SDXL's VAE)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(INIT_SEED)
+    return AutoencoderKL(
+        block_out_channels=list(block_out_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=128,
+        scaling_factor=0.13025,
+    )
 
 
 def build_tiny_pipeline(folder: str | os.PathLike[str]) -> Path:

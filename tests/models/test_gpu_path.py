@@ -19,6 +19,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, ModelError
 from pipeline.models import generator as generator_module
 from pipeline.models.generator import ImageGenerator, RenderSettings, StageTimer, fuse_qkv
+from pipeline.models.tiny import tiny_vae
 
 PROMPTS = ["a fish made out of dendrobium flowers", "3d isometric dungeon game", "a red car", "a dog at night"]
 SEEDS = [501798843, 3812179903, 55986344589, 7]
@@ -45,22 +46,10 @@ def _oom(what: str) -> torch.OutOfMemoryError:
 @pytest.fixture(scope="module")
 def wide_vae_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline with a VAE whose mid-block attention is one head of 512, as SDXL's."""
-    from diffusers import AutoencoderKL
-
     folder = tmp_path_factory.mktemp("wide-vae") / "pipeline"
     shutil.copytree(tiny_dir, folder)
     shutil.rmtree(folder / "vae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=[32, 32, 64, 512],  # the decoder's mid block attends over 512 channels, one head
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        scaling_factor=0.13025,
-    ).save_pretrained(str(folder / "vae"))  # type: ignore[attr-defined]
+    tiny_vae((32, 32, 64, 512)).save_pretrained(str(folder / "vae"))  # the mid block: one head of 512
     return folder
 
 
