@@ -46,10 +46,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.models.generator import ImageGenerator, RenderSettings  # noqa: E402
+from pipeline.core.config import ModelConfig  # noqa: E402
+from pipeline.core.render import RenderSettings  # noqa: E402
+from pipeline.models.generator import ImageGenerator  # noqa: E402
 from pipeline.models.presets import get_preset  # noqa: E402
-from pipeline.telemetry import UtilizationSampler, nvml_reader  # noqa: E402
+from pipeline.run.telemetry import UtilizationSampler, nvml_reader  # noqa: E402
 
 UNET_TFLOP_1024 = 6.8  # per image, one UNet pass at 1024x1024
 VAE_TFLOP_1024 = 10.5  # per image, VAE decoder at 1024x1024

@@ -32,8 +32,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.config import ModelConfig
-    from pipeline.models.generator import ImageGenerator, RenderSettings
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.render import RenderSettings
+    from pipeline.models.generator import ImageGenerator
     from pipeline.models.tiny import build_tiny_hub
 
     build_tiny_hub(hub)

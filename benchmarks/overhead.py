@@ -108,7 +108,7 @@ def main() -> None:
             }
         )
     )
-    from pipeline.verify import verify_output
+    from pipeline.output.verify import verify_output
 
     rounds = []
     for index in range(args.repeat):  # alternated, so a slow spell of the machine hits both sides

@@ -107,7 +107,7 @@ def main() -> None:
         time.sleep(0.05)
     subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
     _, stderr = process.communicate()
-    planned = re.search(r"^(\S+ \S+) INFO pipeline.runner: (\d+) of (\d+) rows to render", stderr, re.M)
+    planned = re.search(r"^(\S+ \S+) INFO pipeline.run.runner: (\d+) of (\d+) rows to render", stderr, re.M)
     assert planned and first_commit is not None, stderr[-3000:]
     planning = (datetime.strptime(planned.group(1), "%Y-%m-%d %H:%M:%S,%f") - started_at).total_seconds()
     table = "\n".join(

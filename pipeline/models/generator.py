@@ -13,10 +13,10 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ModelError
+from pipeline.core.errors import ModelError
+from pipeline.core.render import RenderSettings
 from pipeline.models.loading import load_unet_file
 from pipeline.models.presets import FP16_FIX_VAE, Preset, get_preset
 from pipeline.models.weights import (
@@ -32,20 +32,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from pipeline.config import ModelConfig, StorageConfig
+    from pipeline.core.config import ModelConfig, StorageConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RenderSettings:
-    """Settings shared by every image of one model call; rows batch only with equal settings."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    negative: bool = False
 
 
 def choose_device(requested: str) -> str:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.errors import ModelError
+from pipeline.core.errors import ModelError
 
 if TYPE_CHECKING:
     import torch

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.errors import ModelError
+from pipeline.core.errors import ModelError
 
 logger = logging.getLogger(__name__)
 

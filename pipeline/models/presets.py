@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import ConfigError, ModelError
+from pipeline.core.errors import ConfigError, ModelError
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_TURBO = "stabilityai/sdxl-turbo"

@@ -16,31 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
-from pipeline.errors import ModelError
-from pipeline.io import filesystem, is_remote
+from pipeline.core.errors import ModelError
+from pipeline.core.io import filesystem, is_remote
+from pipeline.core.uris import weights_source_problem
 from pipeline.models.presets import TINY
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.config import StorageConfig
+    from pipeline.core.config import StorageConfig
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _COMPLETE = ".sdxl-batch-complete"
-# Where weights may come from. Other URL schemes (http(s)://, ftp://, gs://, chained fsspec URLs)
-# are refused rather than handed to fsspec, which would fetch from anywhere it has a driver for.
-_SCHEMES = (None, "hf", "file", "s3", "s3a")
-ACCEPTED_SOURCES = "a hub id ORG/REPO, hf://ORG/REPO or hf://ORG/REPO/FILE, a local path (or file://), or an s3:// URI"
-
-
-def weights_source_problem(ref: str) -> str | None:
-    """Why `ref` is not an accepted weights source, or None when it is one."""
-    scheme = fsspec.core.split_protocol(ref)[0]
-    if scheme in _SCHEMES and "::" not in ref:
-        return None
-    return f"{scheme}:// is not an accepted weights source; accepted: {ACCEPTED_SOURCES}"
 
 
 def check_source(ref: str) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.telemetry import METRICS
+from pipeline.run.telemetry import METRICS
 from tests.helpers import REPO, prompt_rows, read_metadata, run_cli, write_config, write_manifest
 from tests.integration.conftest import RayCluster
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.compare import LABEL_HEIGHT, TILE, TITLE_HEIGHT
+from pipeline.commands.compare import LABEL_HEIGHT, TILE, TITLE_HEIGHT
 from pipeline.models.presets import PRESETS
 from tests.helpers import read_metadata, run_cli, write_manifest
 

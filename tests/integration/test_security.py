@@ -34,8 +34,8 @@ import pytest
 import s3fs
 import yaml
 
-from pipeline.config import build_config
-from pipeline.errors import ConfigError, ModelError
+from pipeline.core.config import build_config
+from pipeline.core.errors import ConfigError, ModelError
 from pipeline.models.weights import resolve_folder, resolve_pipeline_source, resolve_weights_file
 from tests.helpers import CLI, REPO, prompt_rows, read_metadata, run_cli, write_config, write_manifest
 from tests.integration.faults import FaultyS3Proxy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from tests.helpers import prompt_rows, run_cli, write_config, write_manifest
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ModelError
-from pipeline.models.generator import ImageGenerator, RenderSettings
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import ModelError
+from pipeline.core.render import RenderSettings
+from pipeline.models.generator import ImageGenerator
 
 PROMPTS = ["a fish made out of dendrobium flowers", "3d isometric dungeon game", "a red car", "a dog at night"]
 SEEDS = [501798843, 3812179903, 55986344589, 7]

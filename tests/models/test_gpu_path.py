@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError, ModelError
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.render import RenderSettings
 from pipeline.models import generator as generator_module
-from pipeline.models.generator import ImageGenerator, RenderSettings, StageTimer, fuse_qkv
+from pipeline.models.generator import ImageGenerator, StageTimer, fuse_qkv
 from pipeline.models.tiny import tiny_vae
 
 PROMPTS = ["a fish made out of dendrobium flowers", "3d isometric dungeon game", "a red car", "a dog at night"]
@@ -93,7 +94,7 @@ def test_flash_attention_only_where_the_kernel_takes_the_call(
 
 def test_flash_attention_needs_a_16_bit_dtype(model_cache: Path) -> None:
     with pytest.raises(ConfigError, match="flash needs a 16-bit dtype"):
-        from pipeline.config import build_config
+        from pipeline.core.config import build_config
 
         build_config({"manifest": "m", "output": "o", "model": {"attention": "flash", "dtype": "float32"}})
     with pytest.raises(ModelError, match=r"resolved to torch\.float32 on cpu"):

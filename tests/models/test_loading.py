@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ModelError
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import ModelError
 from pipeline.models.generator import ImageGenerator
 from pipeline.models.loading import Backend, WeightsMismatch, load_unet_file, load_weights
 from pipeline.models.presets import FP16_FIX_VAE

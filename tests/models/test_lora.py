@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import LoraConfig, ModelConfig
-from pipeline.errors import ModelError
-from pipeline.models.generator import ImageGenerator, RenderSettings
+from pipeline.core.config import LoraConfig, ModelConfig
+from pipeline.core.errors import ModelError
+from pipeline.core.render import RenderSettings
+from pipeline.models.generator import ImageGenerator
 from pipeline.models.lora import LoraFit, check_fit, file_layer_names
 from pipeline.models.tiny import LoraLayout, save_tiny_lora, tiny_lora_layers
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.errors import ModelError
+from pipeline.core.config import GenerationConfig, ModelConfig
+from pipeline.core.errors import ModelError
 from pipeline.models.generator import ImageGenerator
 from pipeline.models.presets import PRESETS, get_preset
-from pipeline.settings import SettingDefaults
+from pipeline.plan.settings import SettingDefaults
 
 
 def test_issue_presets_exist_with_their_settings() -> None:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.models.generator import ImageGenerator, RenderSettings
+from pipeline.core.config import ModelConfig
+from pipeline.core.render import RenderSettings
+from pipeline.models.generator import ImageGenerator
 
 PROMPTS = ["a fish made out of dendrobium flowers", "3d isometric dungeon game", "a red car"]
 SEEDS = [501798843, 3812179903, 7]

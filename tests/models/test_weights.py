@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from pipeline.config import StorageConfig
-from pipeline.errors import ModelError
+from pipeline.core.config import StorageConfig
+from pipeline.core.errors import ModelError
 from pipeline.models.weights import materialize, resolve_pipeline_source, resolve_weights_file
 
 

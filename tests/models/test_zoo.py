@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import LoraConfig, ModelConfig
-from pipeline.errors import ConfigError, ModelError
-from pipeline.models.generator import ImageGenerator, RenderSettings
+from pipeline.core.config import LoraConfig, ModelConfig
+from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.render import RenderSettings
+from pipeline.models.generator import ImageGenerator
 from pipeline.models.presets import FP16_FIX_VAE, PRESETS, check_job_settings, get_preset
 from pipeline.models.tiny import save_tiny_lora
 

@@ -77,7 +77,7 @@ def _patch_generator(module: ModuleType) -> None:
 
 
 def _patch_encoding(module: Any) -> None:
-    # Before pipeline.stages imports the name.
+    # Before pipeline.run.stages imports the name.
     module.encode_batch = _crashing("encode_batch", module.encode_batch)
 
 
@@ -85,7 +85,7 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {}
 if LIMIT is not None or CRASH in ("load", "generate"):
     PATCHES["pipeline.models.generator"] = _patch_generator
 if CRASH == "encode":
-    PATCHES["pipeline.encoding"] = _patch_encoding
+    PATCHES["pipeline.run.encoding"] = _patch_encoding
 
 
 class _Injector(importlib.abc.MetaPathFinder):

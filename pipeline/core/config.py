@@ -1,0 +1,431 @@
+"""The job configuration: one typed, validated object that flows from the CLI to the workers.
+
+A config is loaded from YAML (`load_config`), optionally patched with `--set dotted.key=value`
+overrides, and validated by pydantic with `extra="forbid"` so that a typo in a key is an error
+naming the key's path rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.uris import weights_source_problem
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+Layout = Literal["files", "webdataset"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+OnBadRow = Literal["fail", "skip"]
+Attention = Literal["sdpa", "flash", "eager"]
+
+
+def _weights_source(value: str) -> str:
+    """Weights come from the hub, local disk or s3:// only: other URL schemes are refused here,
+    before anything starts (and again where weights are resolved)."""
+    problem = weights_source_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+WeightsSource = Annotated[str, AfterValidator(_weights_source)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(_Section):
+    path: WeightsSource = Field(
+        description="LoRA weights: `hf://ORG/REPO/FILE`, a local .safetensors file or an s3:// URI."
+    )
+    weight: float = Field(default=1.0, ge=-4.0, le=4.0, description="Adapter weight (scale) of this LoRA.")
+
+
+class ModelConfig(_Section):
+    preset: str = Field(
+        default="tiny",
+        description="Model preset (see `sdxl-batch models`): pins weights, scheduler and defaults.",
+    )
+    path: WeightsSource | None = Field(
+        default=None,
+        description=(
+            "Base pipeline: a Hugging Face hub id, a local diffusers-format folder, or an object-store "
+            "URI of one (copied once per node into the local cache). Defaults to the preset's own."
+        ),
+    )
+    unet: WeightsSource | None = Field(
+        default=None,
+        description=(
+            "UNet weights replacing the base pipeline's: `hf://ORG/REPO/FILE.safetensors`, a local "
+            ".safetensors file or an object-store URI. Defaults to the preset's own (if any)."
+        ),
+    )
+    lora: WeightsSource | None = Field(
+        default=None,
+        description="Replaces the preset's acceleration LoRA (e.g. a local or s3:// mirror of the same file).",
+    )
+    loras: list[LoraConfig] = Field(
+        default_factory=list,
+        description="Extra (style) LoRAs stacked on top, each with its weight, as in the LCM-LoRA article.",
+    )
+    fuse_loras: bool = Field(
+        default=True,
+        description="Fuse LoRAs into the weights at load, so steady-state cost equals the full model's.",
+    )
+    vae: WeightsSource | None = Field(
+        default=None,
+        description="VAE replacing the pipeline's: hub id, local folder or object-store URI of an AutoencoderKL.",
+    )
+    fp16_fix_vae: bool = Field(
+        default=True,
+        description="In float16, use madebyollin/sdxl-vae-fp16-fix (SDXL's VAE overflows in fp16) unless `vae` is set.",
+    )
+    variant: str | None = Field(
+        default=None,
+        description="Weights variant to fetch from the hub (e.g. `fp16` halves the download of SDXL base).",
+    )
+    dtype: DType = Field(
+        default="auto",
+        description="Weights precision. `auto`: bfloat16 on GPUs that support it, else float16; float32 on CPU.",
+    )
+    device: Device = Field(default="auto", description="`auto` uses CUDA when the actor has a GPU.")
+    attention: Attention = Field(
+        default="sdpa",
+        description=(
+            "Attention kernels: `sdpa` (PyTorch's scaled_dot_product_attention, which picks flash or "
+            "memory-efficient kernels on CUDA), `flash` (SDPA restricted to the flash kernel; CUDA, fp16/bf16), "
+            "`eager` (plain matmul-softmax-matmul, the baseline). `flash` applies to the UNet's attention while "
+            "denoising only (the kernel takes head widths up to 256, and the VAE's attention is 512 wide) and "
+            "needs a 16-bit `dtype`."
+        ),
+    )
+    channels_last: bool = Field(
+        default=True, description="UNet weights in channels_last memory format on CUDA (faster convolutions)."
+    )
+    vae_channels_last: bool = Field(
+        default=True,
+        description=(
+            "VAE weights in channels_last memory format on CUDA; a switch of its own because CUDA's GroupNorm "
+            "over NHWC tensors can make the decoder slower (benchmarks/gpu_throughput.py measures both)."
+        ),
+    )
+    fuse_qkv: bool = Field(
+        default=True,
+        description="Fuse each attention block's q/k/v projections into one matmul on CUDA (after LoRAs are fused).",
+    )
+    vae_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Decode latents in chunks of this many images. Default: chunks of about 4 megapixels (4 images at "
+            "1024x1024, 16 at 512x512): decoding is the peak-memory phase, and an out-of-memory error while "
+            "decoding halves the chunk without denoising again."
+        ),
+    )
+    pinned_copy: bool = Field(
+        default=True,
+        description="Copy the uint8 pixels to page-locked host memory asynchronously on CUDA.",
+    )
+    compile: bool = Field(
+        default=False,
+        description=(
+            "torch.compile the UNet (the denoising loop's cost). The first batch of each actor pays the "
+            "compilation (tens of seconds to minutes); `sdxl-batch tune` measures whether it pays off. Every "
+            "model call is padded to the batch size so that one compiled shape serves each (size, CFG) pair."
+        ),
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Local per-node cache for object-store models (default: ~/.cache/sdxl-batch).",
+    )
+    allow_partial_lora: bool = Field(
+        default=False,
+        description=(
+            "Load a LoRA of which only some layers exist in the pipeline, rendering without the others "
+            "(a warning, and `lora_layers_unmatched` in stats.json). By default such a LoRA, usually one "
+            "made for another base model, stops the job."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _flash_needs_16_bit(self) -> ModelConfig:
+        if self.attention == "flash" and self.dtype == "float32":
+            raise ValueError(
+                "attention: flash needs a 16-bit dtype (PyTorch's flash kernel takes float16 and bfloat16 only); "
+                "set model.dtype to bfloat16 or float16, or attention to sdpa"
+            )
+        return self
+
+
+class GenerationConfig(_Section):
+    batch_size: int = Field(default=4, ge=1, le=1024, description="Images per model call.")
+    width: int | None = Field(
+        default=None, ge=8, description="Default width (rows may override); preset default when unset."
+    )
+    height: int | None = Field(
+        default=None, ge=8, description="Default height (rows may override); preset default when unset."
+    )
+    steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps; preset default when unset.")
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=50.0, description="Classifier-free guidance scale; preset default when unset."
+    )
+    image_format: ImageFormat = Field(default="png", description="Encoding of the written images.")
+    image_quality: int = Field(default=95, ge=1, le=100, description="Quality for jpeg and webp.")
+
+
+class WriteConfig(_Section):
+    layout: Layout = Field(
+        default="files",
+        description=(
+            "`files`: images/<shard>/<id>.<ext>; `webdataset`: tar shards of <id>.<ext> + <id>.json "
+            "(fewer, larger objects on S3). Both write metadata/part-*.parquet."
+        ),
+    )
+    rows_per_part: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description=(
+            "Rows per commit unit (one metadata part, and one tar in the webdataset layout). "
+            "Smaller parts commit progress sooner; larger parts make fewer objects."
+        ),
+    )
+
+
+class ResourcesConfig(_Section):
+    actors: int | tuple[int, int] | None = Field(
+        default=None,
+        description=(
+            "Generator actors, each loading the pipeline once: a count, or `[min, max]` for an autoscaling "
+            "cluster (Ray Data grows the pool while work is queued). Default: one per GPU of the cluster "
+            "(at least 1); 1 on CPU."
+        ),
+    )
+    gpus_per_actor: float | None = Field(
+        default=None,
+        ge=0.0,
+        description=(
+            "GPUs per actor (fractions share a GPU, e.g. 0.5 = two actors per GPU); 0 runs on CPU. "
+            "Default: 1 when the cluster has GPUs, else 0."
+        ),
+    )
+    cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs reserved per generator actor.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads per actor. Default: every core of the node on CPU, Ray's default on GPU.",
+    )
+    gpu_hour_price: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Price of one GPU-hour (one node-hour on CPU) for `estimate` and `tune` costs; any currency.",
+    )
+    max_retries: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description=(
+            "Times a crashed worker is replaced before the job stops: each generator actor is restarted (and "
+            "reloads the model) at most this many times over the job, and each batch or read/encode/write task "
+            "is retried at most this many times, after its process dies (a lost node, a one-off crash). Small, "
+            "because a crash that repeats (a corrupt weight file, a bad GPU driver) would otherwise reload and "
+            "crash for ever; a stopped job resumes from its committed parts."
+        ),
+    )
+
+    @field_validator("actors")
+    @classmethod
+    def _check_actors(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        counts = [value] if isinstance(value, int) else list(value or [])
+        if any(count < 1 for count in counts):
+            raise ValueError("actor counts must be at least 1")
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"[min, max] needs min <= max, got [{value[0]}, {value[1]}]")
+        return value
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether actors take GPUs (call on resolved resources: see `runner.resolve_resources`)."""
+        return bool(self.gpus_per_actor)
+
+    @property
+    def actor_range(self) -> tuple[int, int]:
+        """(min, max) actors; a fixed count is both. Unset (auto) counts as 1 before resolution."""
+        if isinstance(self.actors, tuple):
+            return self.actors
+        return (self.actors or 1, self.actors or 1)
+
+    @property
+    def max_actors(self) -> int:
+        return self.actor_range[1]
+
+    def describe(self) -> str:
+        """How the actors will be placed, for summaries."""
+        if self.actors is None:
+            count = "one actor per GPU (or 1 on CPU)"
+        elif isinstance(self.actors, tuple):
+            count = f"{self.actors[0]}-{self.actors[1]} actors (autoscaling)"
+        else:
+            count = f"{self.actors} actor(s)"
+        gpus = (
+            "1 GPU each if the cluster has GPUs" if self.gpus_per_actor is None else f"{self.gpus_per_actor:g} GPU each"
+        )
+        return f"{count}, {gpus}"
+
+
+class StorageConfig(_Section):
+    """Object-store options; unset fields fall back to the standard AWS variables and profile."""
+
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+    region: str | None = Field(default=None, description="Region (else AWS_REGION / AWS_DEFAULT_REGION).")
+    key: SecretStr | None = Field(default=None, description="Access key id (else AWS_ACCESS_KEY_ID or profile).")
+    secret: SecretStr | None = Field(default=None, description="Secret key (else AWS_SECRET_ACCESS_KEY or profile).")
+    anon: bool = Field(default=False, description="Unsigned requests (public buckets).")
+
+
+class JobConfig(_Section):
+    manifest: str = Field(description="Parquet manifest: a file, a folder or a glob, local or s3://.")
+    output: str = Field(description="Output prefix, local or s3://.")
+    on_bad_row: OnBadRow = Field(
+        default="fail",
+        description=(
+            "A manifest row that breaks the contract: `fail` stops the job before any GPU work and "
+            "names the first bad rows; `skip` renders the rest and lists the bad rows in rejects/."
+        ),
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    write: WriteConfig = Field(default_factory=WriteConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("manifest", "output")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and a YAML-typed value (`3` → int, `null` → None)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set generation.batch_size=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:  # the value is not echoed: it may be a secret
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML: {_yaml_problem(error)}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """pyyaml's message with the line and column but without its quote of the offending line,
+    which may hold a credential."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return type(error).__name__
+    text = "; ".join(
+        part + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+        for part, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark))
+        if part
+    )
+    if isinstance(error, yaml.constructor.ConstructorError):
+        text += "; configs are plain YAML: tags that build Python objects (!!python/...) are refused"
+    return text
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    """Whether a validation error is about (a part of) a SecretStr field, whose value is never shown."""
+    model: Any = JobConfig
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        annotation = fields[part].annotation
+        if annotation is SecretStr or SecretStr in get_args(annotation):
+            return True
+        model = annotation
+    return False
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check the spelling; see configs/demo.yaml for every key)")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required but missing")
+        elif _is_secret(err["loc"]):
+            lines.append(f"  {where}: {err['msg']} (the value is a secret: not shown)")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], *, source: str = "") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(
+    path: str | Path | None,
+    *,
+    manifest: str | None = None,
+    output: str | None = None,
+    overrides: list[str] | None = None,
+) -> JobConfig:
+    """Load a YAML config (safe loader), apply CLI overrides and validate it."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "(command line)"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"config {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8 YAML"
+            ) from None
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(error)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}: expected a mapping of keys at the top level")
+        data = loaded or {}
+    if manifest is not None:
+        data["manifest"] = manifest
+    if output is not None:
+        data["output"] = output
+    return build_config(apply_overrides(data, overrides or []), source=source)

@@ -1,0 +1,136 @@
+"""Every name under a job's output prefix, the object names of rows, and the JSON records there.
+
+    OUTPUT/
+      job.json                          the job's record (config, manifest files, fingerprint)
+      metadata/part-<digest>.parquet    one per committed part, written last: the ledger of done rows
+      stats/part-<digest>.json          the part's measurements, written just before its metadata part
+      images/<shard>/<name>.<ext>       the files layout: one object per image
+      shards/part-<digest>.tar          the webdataset layout: one tar per part
+      rejects/<manifest file>.parquet   bad rows (`on_bad_row: skip`)
+      stats.json                        the job's statistics, written when it ends
+      report.html                       `sdxl-batch report`
+      grids/, compare.md                `sdxl-batch compare`
+
+Row names: ids come from other teams' scripts: they may hold `/`, `..`, URL-encoded or look-alike
+separators, control characters or thousands of characters. An id that is already a short run of
+`[A-Za-z0-9._-]` (not starting with `.`) is used as is, so common ids stay readable; any other id
+keeps a readable, sanitised prefix plus a hash of the original id, so two different ids can never
+map to the same name. A readable id shaped like such a name (ending in `-` and 16 hex digits) is
+hashed too, since it could otherwise take the name of another id (`a/b` and `a_b-<its hash>`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.errors import StorageError
+from pipeline.core.io import full_uri, join, read_bytes, write_bytes
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+logger = logging.getLogger(__name__)
+
+JOB_RECORD = "job.json"
+STATS_FILE = "stats.json"
+REPORT_FILE = "report.html"
+METADATA_DIR = "metadata"
+STATS_DIR = "stats"
+IMAGES_DIR = "images"
+SHARDS_DIR = "shards"
+REJECTS_DIR = "rejects"
+GRIDS_DIR = "grids"
+COMPARE_FILE = "compare.md"
+# Everything a job or `compare` writes: what `--overwrite` clears, and nothing else.
+OUTPUT_ENTRIES = (
+    METADATA_DIR, STATS_DIR, IMAGES_DIR, SHARDS_DIR, REJECTS_DIR, GRIDS_DIR, STATS_FILE, JOB_RECORD, COMPARE_FILE
+)  # fmt: skip
+# File extension of each image format.
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+_HASHED_SHAPE = re.compile(r"(?:.*-)?[0-9a-f]{16}")  # every name `safe_name` builds from a hash
+SHARD_HEX_DIGITS = 2
+
+
+def id_digest(row_id: str) -> str:
+    return hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def safe_name(row_id: str) -> str:
+    """A file-name stem for `row_id`: no separators, no dot-only names, at most 120 characters."""
+    if _SAFE.fullmatch(row_id) and ".." not in row_id and not _HASHED_SHAPE.fullmatch(row_id):
+        return row_id
+    readable = _UNSAFE_CHARS.sub("_", row_id)[:80].strip("_")
+    digest = id_digest(row_id)[:16]
+    return f"{readable}-{digest}" if readable else digest
+
+
+def shard_of(row_id: str) -> str:
+    """The image folder of a row: a fixed-width hex prefix of the id's hash.
+
+    Hashing spreads objects evenly over prefixes (S3 scales request rates per prefix) and,
+    unlike a batch number, does not depend on how rows were batched, so a retried row lands
+    on the same key.
+    """
+    return id_digest(row_id)[:SHARD_HEX_DIGITS]
+
+
+def image_relpath(row_id: str, ext: str) -> str:
+    return f"{IMAGES_DIR}/{shard_of(row_id)}/{safe_name(row_id)}.{ext}"
+
+
+def part_name(ids: list[str]) -> str:
+    """A part's name: a digest of its ids, so a retried part rewrites the same objects."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"part-{digest[:20]}"
+
+
+def metadata_path(root: str, part: str) -> str:
+    return join(root, METADATA_DIR, f"{part}.parquet")
+
+
+def part_stats_path(root: str, part: str) -> str:
+    return join(root, STATS_DIR, f"{part}.json")
+
+
+def shard_relpath(part: str) -> str:
+    return f"{SHARDS_DIR}/{part}.tar"
+
+
+def committed_parts(fs: AbstractFileSystem, root: str) -> list[str]:
+    """Paths of the committed metadata parts, sorted."""
+    folder = join(root, METADATA_DIR)
+    return sorted(fs.glob(join(folder, "part-*.parquet"))) if fs.exists(folder) else []
+
+
+def part_stats_paths(fs: AbstractFileSystem, root: str) -> list[str]:
+    """Paths of the parts' stats records, sorted."""
+    folder = join(root, STATS_DIR)
+    return sorted(fs.glob(join(folder, "part-*.json"))) if fs.exists(folder) else []
+
+
+def read_json(fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """A JSON record under the output; None when it is absent, or damaged (with a warning: a
+    damaged record costs what it says, not the command)."""
+    try:
+        record = json.loads(read_bytes(fs, path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring %s: %s", path, error)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_json(fs: AbstractFileSystem, path: str, record: dict[str, Any]) -> None:
+    """Write a JSON record under the output (atomically: see `write_bytes`)."""
+    try:
+        write_bytes(fs, path, json.dumps(record, indent=2, default=str).encode())
+    except OSError as error:
+        raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from None

@@ -1,0 +1,170 @@
+"""`sdxl-batch verify`: check an output against the exactly-once contract.
+
+Every metadata row must point to an image that exists and whose sha256 and size match; no id
+may appear twice; with a manifest, every manifest id must be present and no other. Images that
+no metadata row lists are orphans of interrupted parts: counted and reported, never counted as
+output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.core.io import filesystem, join
+from pipeline.core.layout import IMAGES_DIR, METADATA_DIR, REJECTS_DIR
+from pipeline.plan.manifest import ManifestPlan, plan_manifest
+
+if TYPE_CHECKING:
+    from pipeline.core.config import StorageConfig
+
+MAX_LISTED = 10
+
+
+@dataclass
+class VerifyReport:
+    rows: int = 0
+    parts: int = 0
+    checked_images: int = 0
+    orphan_images: int = 0
+    manifest_rows: int | None = None
+    rejected_rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, kind: str, items: list[str]) -> None:
+        if items:
+            shown = ", ".join(items[:MAX_LISTED]) + (
+                f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+            )
+            self.problems.append(f"{kind} ({len(items)}): {shown}")
+
+    def summary(self) -> str:
+        lines = [
+            f"rows in metadata: {self.rows} in {self.parts} parts",
+            f"images checked:   {self.checked_images} (sha256 and size)",
+            f"orphan images:    {self.orphan_images} (from interrupted parts; not counted)",
+        ]
+        if self.manifest_rows is not None:
+            lines.append(f"manifest rows:    {self.manifest_rows}")
+            lines.append(f"rejected rows:    {self.rejected_rows} (listed in rejects/ with their reason; not rendered)")
+        lines.append("OK: every row exactly once" if self.ok else "PROBLEMS:")
+        lines.extend(f"  - {problem}" for problem in self.problems)
+        return "\n".join(lines)
+
+
+def _fingerprint(data: bytes) -> tuple[str, int]:
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _read_fingerprint(fs: Any, path: str) -> tuple[str, int] | None:
+    try:
+        return _fingerprint(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def _check_files(fs: Any, root: str, rows: list[dict[str, Any]], report: VerifyReport) -> set[str]:
+    paths = [join(root, row["image_path"]) for row in rows]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # object stores answer faster in parallel
+        found = list(pool.map(lambda p: _read_fingerprint(fs, p), paths))
+    missing = [row["id"] for row, got in zip(rows, found, strict=True) if got is None]
+    wrong = [
+        row["id"]
+        for row, got in zip(rows, found, strict=True)
+        if got is not None and got != (row["sha256"], row["bytes"])
+    ]
+    report.add("image missing", missing)
+    report.add("image sha256 or size mismatch", wrong)
+    report.checked_images += len(rows)
+    return {row["image_path"] for row in rows}
+
+
+def _check_tars(fs: Any, root: str, rows: list[dict[str, Any]], report: VerifyReport) -> None:
+    by_tar: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_tar[row["image_path"]].append(row)
+    missing: list[str] = []
+    wrong: list[str] = []
+    for tar_path, members in by_tar.items():
+        try:
+            data = fs.cat_file(join(root, tar_path))
+        except FileNotFoundError:
+            missing.extend(r["id"] for r in members)
+            continue
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                names = set(tar.getnames())
+                for row in members:
+                    handle = tar.extractfile(row["tar_member"]) if row["tar_member"] in names else None
+                    if handle is None:
+                        missing.append(row["id"])
+                    elif _fingerprint(handle.read()) != (row["sha256"], row["bytes"]):
+                        wrong.append(row["id"])
+        except tarfile.TarError:
+            report.add("unreadable tar shard", [tar_path])
+            wrong.extend(r["id"] for r in members)
+    report.add("image missing", missing)
+    report.add("image sha256 or size mismatch", wrong)
+    report.checked_images += len(rows)
+
+
+def _rejected_mask(fs: Any, root: str, plan: ManifestPlan) -> np.ndarray:
+    """Manifest rows that rejects/ lists (matched by file and row): skipped, so not missing."""
+    mask = np.zeros(plan.total_rows, dtype=bool)
+    folder = join(root, REJECTS_DIR)
+    if not fs.exists(folder):
+        return mask
+    rejects = pads.dataset(folder, format="parquet", filesystem=fs).to_table(columns=["file", "row"])
+    starts = dict(zip(plan.files, np.cumsum([0, *plan.file_rows[:-1]]).tolist(), strict=True))
+    for file, row in zip(rejects.column("file").to_pylist(), rejects.column("row").to_pylist(), strict=True):
+        if file in starts and row is not None and 0 <= row < plan.total_rows - starts[file]:
+            mask[starts[file] + row] = True
+    return mask
+
+
+def verify_output(output: str, *, manifest: str | None = None, storage: StorageConfig | None = None) -> VerifyReport:
+    fs, root = filesystem(output, storage)
+    report = VerifyReport()
+    folder = join(root, METADATA_DIR)
+    if not fs.exists(folder):
+        report.problems.append(f"no metadata under {output} (nothing committed yet)")
+        return report
+    dataset = pads.dataset(folder, format="parquet", filesystem=fs)
+    table = dataset.to_table(columns=["id", "image_path", "tar_member", "sha256", "bytes"])
+    report.rows, report.parts = table.num_rows, len(dataset.files)
+    counts = pc.value_counts(table.column("id"))
+    report.add("duplicate id", pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist())
+    rows = table.to_pylist()
+    tar_rows = [r for r in rows if r["tar_member"]]
+    referenced = _check_files(fs, root, [r for r in rows if not r["tar_member"]], report)
+    _check_tars(fs, root, tar_rows, report)
+    images = join(root, IMAGES_DIR)
+    if fs.exists(images):
+        on_disk = {path[len(root.rstrip("/")) + 1 :] for path in fs.find(images)}
+        report.orphan_images = len(on_disk - referenced)
+    if manifest is not None:
+        plan = plan_manifest(manifest, storage)
+        report.manifest_rows = plan.total_rows
+        rejected = _rejected_mask(fs, root, plan)
+        report.rejected_rows = int(rejected.sum())
+        present = pc.unique(table.column("id"))
+        missing = pc.and_(pc.invert(pc.is_in(plan.ids, present)), pa.array(~rejected))
+        report.add("manifest id missing from the output", pc.filter(plan.ids, missing).to_pylist())
+        report.add(
+            "output id not in the manifest", pc.filter(present, pc.invert(pc.is_in(present, plan.ids))).to_pylist()
+        )
+    return report

@@ -1,0 +1,234 @@
+"""Checking a job before any GPU work: `sdxl-batch validate`, and the first step of `run`.
+
+`plan_job` checks the config against the preset (steps, guidance, image size), plans the
+manifest in one streaming pass that checks every row, reads what the output already holds
+(resume) and refuses an output produced with other settings. Structural problems raise at once;
+bad rows are counted and, with `on_bad_row: fail` (the default), stop the job naming the first
+ones (`raise_for_bad_rows`); with `on_bad_row: skip` they are written to `rejects/` with their
+reason and the rest renders.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.core.errors import ManifestError, StorageError
+from pipeline.core.io import filesystem, full_uri, join, write_bytes
+from pipeline.core.layout import JOB_RECORD, REJECTS_DIR, STATS_FILE, read_json, safe_name
+from pipeline.models.presets import Preset, check_job_settings, get_preset
+from pipeline.plan.ledger import check_fingerprint, read_done_ids, settings_fingerprint
+from pipeline.plan.manifest import ManifestPlan, plan_manifest, rules_for
+from pipeline.plan.settings import SettingDefaults
+
+if TYPE_CHECKING:
+    from pipeline.core.config import JobConfig
+
+SHOWN_PROBLEMS = 10
+
+
+@dataclass
+class JobPlan:
+    """Everything known about a job before it starts."""
+
+    config: JobConfig
+    preset: Preset
+    defaults: SettingDefaults
+    manifest: ManifestPlan
+    done: pa.ChunkedArray
+    finished: np.ndarray  # per manifest row: already in the output
+    fingerprint: dict[str, Any]
+    output: str
+    previous_stats: dict[str, Any] | None = None
+
+    @property
+    def pending(self) -> np.ndarray:
+        """Per manifest row: still to render (not done, not rejected)."""
+        pending: np.ndarray = ~self.finished & ~self.manifest.rejected
+        return pending
+
+    @property
+    def pending_rows(self) -> int:
+        return int(self.pending.sum())
+
+    @property
+    def done_rows(self) -> int:
+        """Good rows already in the output (a rejected duplicate of a done id is not counted)."""
+        return int((self.finished & ~self.manifest.rejected).sum())
+
+    def render_groups(self) -> list[tuple[tuple[int, int, int, float], int]]:
+        """(width, height, steps, guidance) of the rows still to render, with their counts."""
+        d = self.defaults
+        merged: dict[tuple[int, int, int, float], int] = {}
+        for (width, height, steps, guidance), count in self.manifest.count_settings(self.pending).items():
+            key = (
+                int(width if width is not None else d.width),
+                int(height if height is not None else d.height),
+                int(steps if steps is not None else d.steps),
+                float(guidance if guidance is not None else d.guidance_scale),
+            )
+            merged[key] = merged.get(key, 0) + count
+        return sorted(merged.items(), key=lambda item: -item[1])
+
+    def model_calls(self) -> int:
+        """Model calls at the configured batch size (rows batch only with equal settings)."""
+        batch = self.config.generation.batch_size
+        return sum(math.ceil(count / batch) for _, count in self.render_groups())
+
+    def estimate(self) -> tuple[float, str] | None:
+        """GPU-seconds to render the pending rows, and where the per-image figure comes from.
+
+        Known when an earlier run into this output measured it with the same settings."""
+        stats = self.previous_stats
+        if not stats or not stats.get("rows") or not stats.get("seconds_per_image"):
+            return None
+        per_image = float(stats["seconds_per_image"])
+        return self.pending_rows * per_image, f"{per_image:.3f} s/image measured by the previous run into this output"
+
+    def summary_lines(self) -> list[str]:
+        m, c = self.manifest, self.config
+        lines = [
+            f"manifest   {c.manifest}: {len(m.files)} file(s), {m.total_rows:,} rows",
+            f"model      {self.preset.name} ({self.preset.weights_label()}; {self.preset.scheduler_label()})",
+            f"output     {self.output}",
+        ]
+        if m.problem_count:
+            kinds = ", ".join(f"{n:,} {k}" for k, n in m.problem_columns.most_common())
+            action = "listed in rejects/, the rest renders" if c.on_bad_row == "skip" else "the job will not start"
+            lines.append(f"bad rows   {m.problem_count:,} ({kinds}); on_bad_row: {c.on_bad_row}: {action}")
+        if self.done_rows:
+            lines.append(f"done       {self.done_rows:,} rows already in the output (skipped: resume)")
+        lines.append(f"to render  {self.pending_rows:,} rows")
+        for (width, height, steps, guidance), count in self.render_groups():
+            lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count:,} rows")
+        calls = self.model_calls()
+        lines.append(
+            f"batches    {calls:,} model calls (batch size {c.generation.batch_size}) on {c.resources.describe()}"
+        )
+        estimate = self.estimate()
+        if estimate is None:
+            lines.append("estimate   unknown: no measurement with these settings yet")
+        else:
+            seconds, source = estimate
+            # Automatic placement: as many actors as the previous run resolved.
+            actors = (
+                c.resources.max_actors if c.resources.actors else int((self.previous_stats or {}).get("actors") or 1)
+            )
+            lines.append(
+                f"estimate   {human_duration(seconds)} of generator time, about {human_duration(seconds / actors)} on "
+                f"{actors} actor(s) ({source})"
+            )
+        return lines
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_job(config: JobConfig, *, overwrite: bool = False) -> JobPlan:
+    """Check the config and the manifest and find what is left to render; touches no GPU.
+
+    Raises ConfigError, ModelError, ManifestError or StorageError for problems that stop the job;
+    bad rows are returned in the plan (see `raise_for_bad_rows`)."""
+    preset = get_preset(config.model.preset)
+    defaults = SettingDefaults.from_config(config.generation, preset)
+    check_job_settings(
+        preset,
+        steps=defaults.steps,
+        guidance_scale=defaults.guidance_scale,
+        width=defaults.width,
+        height=defaults.height,
+    )
+    manifest = plan_manifest(
+        config.manifest, config.storage, rules=rules_for(preset), keep_problems=config.on_bad_row == "skip"
+    )
+    fs, root = filesystem(config.output, config.storage)
+    output = full_uri(fs, root)
+    fingerprint = settings_fingerprint(config)
+    previous_stats = None
+    done = pa.chunked_array([], pa.string())
+    try:
+        if not overwrite:
+            done = read_done_ids(config)
+            previous = read_json(fs, join(root, JOB_RECORD))
+            if len(done):
+                check_fingerprint((previous or {}).get("fingerprint"), fingerprint, output)
+            if previous and (previous.get("fingerprint") or {}).get("digest") == fingerprint["digest"]:
+                previous_stats = read_json(fs, join(root, STATS_FILE))
+    except (OSError, pa.ArrowInvalid) as error:
+        raise StorageError(f"cannot read the output {output}: {type(error).__name__}: {error}") from None
+    finished = (
+        pc.is_in(manifest.ids, value_set=done.combine_chunks()).to_numpy(zero_copy_only=False)
+        if len(done)
+        else np.zeros(manifest.total_rows, dtype=bool)
+    )
+    return JobPlan(
+        config=config,
+        preset=preset,
+        defaults=defaults,
+        manifest=manifest,
+        done=done,
+        finished=np.asarray(finished, dtype=bool),
+        fingerprint=fingerprint,
+        output=output,
+        previous_stats=previous_stats,
+    )
+
+
+def raise_for_bad_rows(job: JobPlan) -> None:
+    """With `on_bad_row: fail`, any bad row stops the job here, before any GPU work."""
+    manifest = job.manifest
+    if job.config.on_bad_row != "fail" or not manifest.problem_count:
+        return
+    shown = manifest.problem_lines(SHOWN_PROBLEMS)
+    more = manifest.problem_count - len(shown)
+    raise ManifestError(
+        f"{manifest.problem_count:,} bad row(s) in the manifest (row numbers count from 0 in each file):\n  "
+        + "\n  ".join(shown)
+        + (f"\n  ... and {more:,} more" if more > 0 else "")
+        + "\nFix these rows, or set on_bad_row: skip to render the others and list these in rejects/."
+    )
+
+
+def write_rejects(job: JobPlan) -> list[str]:
+    """`on_bad_row: skip`: one `rejects/<manifest file>.parquet` per manifest file with bad rows
+    (file, row, id, column, reason, prompt, seed); stale files from earlier runs are removed, so
+    rejects/ always describes the manifest as it is now. Returns the files written."""
+    fs, root = filesystem(job.config.output, job.config.storage)
+    folder = join(root, REJECTS_DIR)
+    problems = job.manifest.problems
+    written: list[str] = []
+    try:
+        existing = set(fs.find(folder)) if fs.exists(folder) else set()
+        keep: set[str] = set()
+        for file in pc.unique(problems.column("file")).to_pylist() if problems.num_rows else []:
+            rows = problems.filter(pc.equal(problems.column("file"), file))
+            relpath = posixpath.relpath(file, job.manifest.root) if file.startswith(job.manifest.root) else file
+            path = join(folder, f"{safe_name(relpath.removesuffix('.parquet'))}.parquet")
+            buffer = io.BytesIO()
+            pq.write_table(rows, buffer, compression="zstd")
+            write_bytes(fs, path, buffer.getvalue())
+            keep.add(path)
+            written.append(full_uri(fs, path))
+        for stale in existing - keep:
+            fs.rm(stale)
+    except OSError as error:
+        raise StorageError(f"cannot write rejects/ under the output {job.output}: {error}") from None
+    return written
+
+
+def reject_positions(job: JobPlan) -> np.ndarray:
+    """Global positions of rejected rows (sorted), for the read stage to drop."""
+    return np.flatnonzero(job.manifest.rejected)

@@ -1,0 +1,86 @@
+"""Progress of an output prefix: what is done, and with which settings it was produced.
+
+The ledger *is* the metadata: a row is done exactly when a committed `metadata/part-*.parquet`
+lists it (parts are written last and atomically, after their images). So resuming needs no
+extra state that could disagree with the data: read the `id` column of every part, skip those
+ids before they reach a GPU, render the rest.
+
+Ray Data's own job checkpointing (`DataContext.checkpoint_config`, Ray 2.60) is not used: it
+hooks a Ray read op and a Datasink write op, while this graph starts from planned manifest
+fragments and commits in its own write stage; its file backend wants a network-mounted path,
+and it deletes its checkpoint on success by default, whereas incremental runs need the record to
+persist. Our parts already give the guarantee it would add.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.io import filesystem, join
+from pipeline.core.layout import METADATA_DIR, OUTPUT_ENTRIES
+from pipeline.models.presets import get_preset
+from pipeline.plan.settings import SettingDefaults
+
+if TYPE_CHECKING:
+    from pipeline.core.config import JobConfig
+
+
+def read_done_ids(config: JobConfig) -> pa.ChunkedArray:
+    """The ids that committed parts under the output list (empty for a new output)."""
+    fs, root = filesystem(config.output, config.storage)
+    folder = join(root, METADATA_DIR)
+    if not fs.exists(folder):
+        return pa.chunked_array([], pa.string())
+    dataset = pads.dataset(folder, format="parquet", filesystem=fs)
+    return dataset.to_table(columns=["id"]).column("id").cast(pa.string())
+
+
+def settings_fingerprint(config: JobConfig) -> dict[str, Any]:
+    """The settings that determine every image of an output; two runs into one output must agree."""
+    preset = get_preset(config.model.preset)
+    defaults = SettingDefaults.from_config(config.generation, preset)
+    model = config.model
+    settings = {
+        "preset": preset.name,
+        "model.path": model.path or preset.base,
+        "model.unet": model.unet or preset.unet,
+        "model.lora": model.lora or preset.lora,
+        "model.loras": [[lora.path, lora.weight] for lora in model.loras],
+        "model.vae": model.vae,
+        "scheduler": preset.scheduler_label(),
+        "width": defaults.width,
+        "height": defaults.height,
+        "steps": defaults.steps,
+        "guidance_scale": defaults.guidance_scale,
+        "image_format": config.generation.image_format,
+        "layout": config.write.layout,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"digest": digest, "settings": settings}
+
+
+def check_fingerprint(previous: dict[str, Any] | None, current: dict[str, Any], output: str) -> None:
+    """Refuse to mix settings in one output: resumed rows would not match the finished ones."""
+    if not previous or previous.get("digest") == current["digest"]:
+        return
+    before, after = previous.get("settings", {}), current["settings"]
+    changed = [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
+    raise ConfigError(
+        f"the output {output} was produced with other settings ({'; '.join(changed) or 'fingerprint differs'}). "
+        "Resume with the original settings, choose a new output, or pass --overwrite to discard it."
+    )
+
+
+def clear_output(config: JobConfig) -> None:
+    """`--overwrite`: remove everything a job writes under the output prefix (and nothing else)."""
+    fs, root = filesystem(config.output, config.storage)
+    for entry in OUTPUT_ENTRIES:
+        path = join(root, entry)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

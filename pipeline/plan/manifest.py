@@ -1,0 +1,697 @@
+"""Reading and checking Parquet manifests of prompts and seeds.
+
+Contract: `prompt` (string) and `seed` (integer, 0 <= seed < 2**63) are required; `id` (string)
+is optional, and when absent a stable id is derived from the file's path relative to the
+manifest root and the row's position, so the same manifest always yields the same ids.
+Optional per-row settings: `negative_prompt`, `width`, `height`, `steps`, `guidance_scale`.
+Every other column passes through unchanged into the output metadata.
+
+Integer columns may also be stored as floats with integral values (pandas writes nullable
+integers that way).
+
+The manifest is planned in one streaming pass that reads only the key and setting columns, one
+row group at a time, so the driver never holds the prompts of a large manifest; the Ray read
+stage later reads each slice of a row group (a `Fragment`) in full. Planning checks every row
+(`row_problems`) and every id's uniqueness; the caller decides whether bad rows stop the job or
+are skipped (`on_bad_row`).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.core.errors import ManifestError, StorageError
+from pipeline.core.io import filesystem, full_uri
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from pipeline.core.config import StorageConfig
+    from pipeline.models.presets import Preset
+
+SEED_LIMIT = 2**63
+REQUIRED_COLUMNS = ("prompt", "seed")
+OPTIONAL_COLUMNS = ("id", "negative_prompt", "width", "height", "steps", "guidance_scale")
+# Columns the output metadata adds; a manifest column of the same name would be ambiguous.
+RESERVED_COLUMNS = (
+    "model",
+    "scheduler",
+    "weights",
+    "peak_memory_mb",
+    "prompt_tokens",
+    "prompt_truncated",
+    "negative_prompt_truncated",
+    "render_batch_size",
+    "oom_retries",
+    "image_path",
+    "sha256",
+    "bytes",
+    "generation_seconds",
+    "encode_seconds",
+    "tar_member",
+    "node",
+    "actor",
+    "pixels",
+    "image",
+)
+_GLOB_CHARS = "*?["
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t))
+
+
+def _is_integer(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_null(t))
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t))
+
+
+_TYPE_CHECKS = {
+    "prompt": (_is_string, "string"),
+    "seed": (_is_number, "integer"),
+    "id": (_is_string, "string"),
+    "negative_prompt": (_is_string, "string"),
+    "width": (_is_number, "integer"),
+    "height": (_is_number, "integer"),
+    "steps": (_is_number, "integer"),
+    "guidance_scale": (_is_number, "number"),
+}
+# Normalised types, so that every fragment has the same schema whatever the source file used.
+_TARGET_TYPES = {
+    "id": pa.string(),
+    "prompt": pa.string(),
+    "negative_prompt": pa.string(),
+    "seed": pa.int64(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "steps": pa.int32(),
+    "guidance_scale": pa.float64(),
+}
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A run of rows inside one row group of one manifest file: the unit the read stage loads.
+
+    `row_offset` is the first row's position in the file (ids derive from it); `start` is its
+    position inside the row group.
+    """
+
+    uri: str
+    relpath: str
+    row_group: int
+    row_offset: int
+    num_rows: int
+    start: int = 0
+
+    def split(self, rows: int) -> list[Fragment]:
+        """Slices of at most `rows` rows, so that one large row group feeds many actors."""
+        return [
+            Fragment(
+                self.uri,
+                self.relpath,
+                self.row_group,
+                self.row_offset + s,
+                min(rows, self.num_rows - s),
+                self.start + s,
+            )
+            for s in range(0, self.num_rows, rows)
+        ]
+
+
+def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str]]:
+    if any(ch in path for ch in _GLOB_CHARS):
+        prefix = path.split("*")[0].split("?")[0].split("[")[0]
+        root = prefix if prefix.endswith("/") else posixpath.dirname(prefix)
+        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+    elif fs.isdir(path):
+        root = path
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
+    elif fs.isfile(path):
+        root, files = posixpath.dirname(path), [path]
+    else:
+        raise ManifestError(f"manifest not found: {uri} (expected a Parquet file, a folder of them, or a glob)")
+    if not files:
+        raise ManifestError(f"manifest {uri} matches no Parquet files")
+    return root, files
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path, root)
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def list_manifest_files(uri: str, storage: StorageConfig | None = None) -> tuple[AbstractFileSystem, str, list[str]]:
+    """Resolve a manifest URI (file, folder or glob) to its root and sorted Parquet files."""
+    fs, path = filesystem(uri, storage)
+    try:
+        root, files = _root_and_files(fs, path, uri)
+    except ManifestError:
+        raise
+    except PermissionError as error:
+        raise StorageError(f"no permission to read the manifest {uri}: {error}") from None
+    except Exception as error:  # botocore's credential and bucket errors are not OSErrors
+        raise StorageError(f"cannot list the manifest {uri}: {type(error).__name__}: {error}") from None
+    return fs, root, files
+
+
+def check_schema(schema: pa.Schema, uri: str) -> None:
+    """Raise a ManifestError naming the file and column if a known column is missing or mistyped."""
+    names = set(schema.names)
+    for column, times in Counter(schema.names).items():
+        if times > 1:
+            raise ManifestError(
+                f"this column name appears {times} times; give each column its own name", file=uri, column=column
+            )
+    for column in REQUIRED_COLUMNS:
+        if column not in names:
+            raise ManifestError(
+                f"required column is missing (found columns: {', '.join(schema.names) or 'none'}); "
+                f"a manifest needs 'prompt' (string) and 'seed' (integer)",
+                file=uri,
+                column=column,
+            )
+    for column, (check, expected) in _TYPE_CHECKS.items():
+        if column in names and not check(schema.field(column).type):
+            raise ManifestError(
+                f"expected {expected} values, found {schema.field(column).type}; convert the column",
+                file=uri,
+                column=column,
+            )
+    for column in RESERVED_COLUMNS:
+        if column in names:
+            raise ManifestError("this name is reserved for output metadata; rename the column", file=uri, column=column)
+
+
+def derive_ids(relpath: str, row_offset: int, num_rows: int) -> pa.Array:
+    """Stable ids for a manifest without an `id` column: `<file path without .parquet>-<row>`."""
+    stem = relpath[: -len(".parquet")] if relpath.endswith(".parquet") else relpath
+    stem = stem.replace("/", "__")
+    return pa.array([f"{stem}-{row:09d}" for row in range(row_offset, row_offset + num_rows)], pa.string())
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """Limits for the values a row sets itself (a null setting takes the job's default, which the
+    config check covers). `size_range` bounds width and height, both multiples of 8."""
+
+    model: str = "any"
+    steps_range: tuple[int, int] = (1, 1000)
+    guidance_range: tuple[float, float] = (0.0, 100.0)
+    size_range: tuple[int, int] = (8, 16384)
+    reason: str = ""
+
+
+GENERIC_RULES = RowRules()
+
+
+def rules_for(preset: Preset) -> RowRules:
+    return RowRules(
+        model=preset.name,
+        steps_range=preset.steps_range,
+        guidance_range=preset.guidance_range,
+        size_range=preset.size_range,
+        reason=preset.limits_reason,
+    )
+
+
+MAX_PROMPT_CHARS = 200  # prompt text kept in rejects/ and error messages
+
+
+def _bools(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A compute result as a numpy bool array, nulls counted as False."""
+    return np.asarray(pc.fill_null(array, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    """Numeric values as float64 (nulls as NaN) for range checks. Integers past 2**53 round to
+    the nearest float (a strict cast would raise), far outside every range checked."""
+    if pa.types.is_null(column.type):
+        return np.full(len(column), np.nan)
+    values = pc.cast(column, pa.float64(), safe=False)
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _present(column: pa.ChunkedArray) -> np.ndarray:
+    """Non-null values: a NaN is present (and not a valid number), unlike a null."""
+    return _bools(pc.is_valid(column))
+
+
+def _text_problems(table: pa.Table, name: str, what: str) -> list[tuple[str, np.ndarray, str]]:
+    column = table.column(name)
+    if pa.types.is_null(column.type):
+        return [(name, np.ones(table.num_rows, dtype=bool), f"{what} is missing (null)")]
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    return [
+        (name, _bools(pc.is_null(column)), f"{what} is missing (null)"),
+        (name, _bools(empty), f"{what} is empty"),
+    ]
+
+
+def _seed_problems(column: pa.ChunkedArray, n: int) -> list[tuple[str, np.ndarray, str]]:
+    if pa.types.is_null(column.type):
+        return [("seed", np.ones(n, dtype=bool), "seed is missing (null)")]
+    out = [("seed", _bools(pc.is_null(column)), "seed is missing (null)")]
+    out_of_range = "seed is out of range: it must satisfy 0 <= seed < 2**63"
+    if pa.types.is_floating(column.type):
+        values = _floats(column)
+        with np.errstate(invalid="ignore"):
+            out.append(
+                (
+                    "seed",
+                    _present(column) & ((values != np.floor(values)) | ~np.isfinite(values)),
+                    "seed is not an integer",
+                )
+            )
+            out.append(("seed", (values < 0) | (values >= float(SEED_LIMIT)), out_of_range))
+    elif pa.types.is_uint64(column.type):
+        out.append(("seed", _bools(pc.greater_equal(column, pa.scalar(SEED_LIMIT, pa.uint64()))), out_of_range))
+    elif pa.types.is_signed_integer(column.type):
+        out.append(("seed", _bools(pc.less(column, 0)), out_of_range))
+    return out
+
+
+def _setting_problems(table: pa.Table, rules: RowRules) -> list[tuple[str, np.ndarray, str]]:
+    out: list[tuple[str, np.ndarray, str]] = []
+    why = f": {rules.reason}" if rules.reason else ""
+    low, high = rules.size_range
+    for name in ("width", "height", "steps"):
+        if name not in table.column_names:
+            continue
+        values = _floats(table.column(name))
+        present = _present(table.column(name))
+        with np.errstate(invalid="ignore"):
+            out.append(
+                (name, present & ((values != np.floor(values)) | ~np.isfinite(values)), f"{name} is not an integer")
+            )
+            if name == "steps":
+                s_low, s_high = rules.steps_range
+                allowed = str(s_low) if s_low == s_high else f"{s_low} to {s_high}"
+                out.append(
+                    (
+                        name,
+                        present & ((values < s_low) | (values > s_high)),
+                        f"model {rules.model} takes {allowed} steps{why}",
+                    )
+                )
+            else:
+                out.append((name, present & (np.mod(values, 8) != 0), f"{name} must be a multiple of 8"))
+                out.append(
+                    (
+                        name,
+                        present & ((values < low) | (values > high)),
+                        f"model {rules.model} renders {name}s from {low} to {high} px",
+                    )
+                )
+    if "guidance_scale" in table.column_names:
+        values = _floats(table.column("guidance_scale"))
+        g_low, g_high = rules.guidance_range
+        with np.errstate(invalid="ignore"):
+            bad = _present(table.column("guidance_scale")) & ~((values >= g_low) & (values <= g_high))
+        out.append(("guidance_scale", bad, f"model {rules.model} takes guidance {g_low:g} to {g_high:g}{why}"))
+    return out
+
+
+def row_problems(table: pa.Table, rules: RowRules = GENERIC_RULES) -> tuple[np.ndarray, list[str], list[str]]:
+    """The rows of `table` that break the contract: (row indices, column, reason), first problem
+    of each row only, in row order. Vectorised: a million rows take well under a second."""
+    n = table.num_rows
+    checks = _text_problems(table, "prompt", "prompt") + _seed_problems(table.column("seed"), n)
+    if "id" in table.column_names:
+        checks += _text_problems(table, "id", "id")
+    checks += _setting_problems(table, rules)
+    flagged = np.zeros(n, dtype=bool)
+    column_of = np.full(n, -1, dtype=np.int64)
+    for index, (_, mask, _) in enumerate(checks):
+        new = mask & ~flagged
+        column_of[new] = index
+        flagged |= new
+    rows = np.flatnonzero(flagged)
+    columns: list[str] = [""] * len(rows)
+    reasons: list[str] = [""] * len(rows)
+    for index in np.unique(column_of[rows]):
+        name, _, reason = checks[index]
+        where = np.flatnonzero(column_of[rows] == index)
+        values = pc.take(table.column(name), pa.array(rows[where])).to_pylist()
+        for position, value in zip(where, values, strict=True):
+            columns[position] = name
+            reasons[position] = reason if value is None or value == "" else f"{reason} (got {_short(value)})"
+    return rows, columns, reasons
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# What pyarrow raises on a damaged file: ArrowInvalid and its siblings, OSError for I/O and Thrift
+# errors, UnicodeDecodeError (a ValueError) for a column name garbled in the footer.
+_DAMAGED = (pa.ArrowException, OSError, ValueError)
+
+
+@contextmanager
+def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile]:
+    """Open a Parquet file for reading, closing it after use (manifests may have thousands)."""
+    try:
+        handle = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise ManifestError("file disappeared while reading; rerun the job", file=uri) from None
+    with handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except _DAMAGED as error:
+            raise ManifestError(f"not a readable Parquet file ({error}); re-export it", file=uri) from None
+        yield parquet
+
+
+def _read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
+    try:
+        table = _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
+    except _DAMAGED as error:
+        raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
+    _check_values(table, fragment)
+    return table
+
+
+def _check_values(table: pa.Table, fragment: Fragment) -> None:
+    """Parquet readers do not check that text columns hold UTF-8: a file written with another
+    encoding (or damaged) would otherwise fail later, far from its cause, or in a worker."""
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as error:
+            row = _first_non_utf8(column)
+            if row is None:
+                raise ManifestError(
+                    f"row group {fragment.row_group} holds invalid values ({error}); re-export the file",
+                    file=fragment.uri,
+                    column=name,
+                ) from None
+            raise ManifestError(
+                "text is not valid UTF-8; re-export the file with its text encoded as UTF-8",
+                file=fragment.uri,
+                row=fragment.row_offset + row,
+                column=name,
+            ) from None
+
+
+def _first_non_utf8(column: pa.ChunkedArray) -> int | None:
+    """Position of the first value of a string column that is not UTF-8 (None if there is none)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    for position, value in enumerate(pc.cast(column, pa.large_binary()).to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            return position
+    return None
+
+
+def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
+    """Give a fragment the canonical schema: `id` first, known columns cast, pass-through columns kept."""
+    if "id" not in table.column_names:
+        table = table.add_column(0, "id", derive_ids(fragment.relpath, fragment.row_offset, table.num_rows))
+    columns, names = [], []
+    for name in ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale"):
+        if name in table.column_names:
+            columns.append(pc.cast(table.column(name), _TARGET_TYPES[name]))
+        else:
+            columns.append(pa.nulls(table.num_rows, _TARGET_TYPES[name]))
+        names.append(name)
+    for name in table.column_names:
+        if name not in names:
+            columns.append(table.column(name))
+            names.append(name)
+    return pa.table(columns, names=names)
+
+
+def read_fragment(
+    fragment: Fragment,
+    storage: StorageConfig | None = None,
+    *,
+    rules: RowRules = GENERIC_RULES,
+    reject: list[int] | None = None,
+) -> pa.Table:
+    """Read, check and normalise one slice of a manifest file, without its `reject`ed rows
+    (indices inside the slice). The rows left must pass the checks that planning applied: if
+    one does not, the file changed after planning, and the job stops naming the row."""
+    fs, path = filesystem(fragment.uri, storage)
+    with _open_parquet(fs, path, fragment.uri) as parquet:
+        table = _read_row_group(parquet, fragment)
+    if "id" not in table.column_names:  # derived from positions, so before any row is dropped
+        table = table.add_column(0, "id", derive_ids(fragment.relpath, fragment.row_offset, table.num_rows))
+    positions = np.arange(table.num_rows)
+    if reject:
+        positions = np.setdiff1d(positions, np.asarray(reject, dtype=np.int64))
+        table = table.take(pa.array(positions, pa.int64()))
+    bad, columns, reasons = row_problems(table, rules)
+    if len(bad):
+        raise ManifestError(
+            f"{reasons[0]} (the file changed after the job was planned; rerun the job to re-validate it)",
+            file=fragment.uri,
+            row=fragment.row_offset + int(positions[bad[0]]),
+            column=columns[0],
+        )
+    return normalize(table, fragment)
+
+
+def _slice(table: pa.Table, fragment: Fragment) -> pa.Table:
+    return (
+        table
+        if fragment.start == 0 and table.num_rows == fragment.num_rows
+        else table.slice(fragment.start, fragment.num_rows)
+    )
+
+
+SETTING_COLUMNS = ("width", "height", "steps", "guidance_scale")
+PROBLEM_SCHEMA = pa.schema([
+    ("file", pa.string()),
+    ("row", pa.int64()),
+    ("id", pa.string()),
+    ("column", pa.string()),
+    ("reason", pa.string()),
+    ("prompt", pa.string()),
+    ("seed", pa.string()),
+])  # fmt: skip
+MAX_KEPT_PROBLEMS = 20  # problems kept in detail when they are only reported, not skipped
+
+
+@dataclass
+class ManifestPlan:
+    """What a manifest holds, found in one streaming pass without loading its prompts.
+
+    `ids` and `rejected` are indexed by global row position (files in order, rows in order);
+    `problems` lists bad rows (all of them when planned with `keep_problems=True`, else the first
+    few) and `problem_count` counts them all; `setting_values` holds every row's own width,
+    height, steps and guidance_scale (float64, null: the job's default) for the job's summary.
+    """
+
+    root: str
+    files: list[str]
+    fragments: list[Fragment]
+    total_rows: int
+    ids: pa.ChunkedArray = field(repr=False)
+    file_rows: list[int] = field(repr=False)
+    rejected: np.ndarray = field(repr=False)
+    problems: pa.Table = field(repr=False)
+    problem_count: int = 0
+    problem_columns: Counter[str] = field(default_factory=Counter)
+    setting_values: pa.Table = field(repr=False, default_factory=lambda: pa.table({}))
+
+    @property
+    def good_rows(self) -> int:
+        return self.total_rows - int(self.rejected.sum())
+
+    def count_settings(self, rows: np.ndarray) -> Counter[tuple[Any, ...]]:
+        """Rows selected by the boolean mask `rows`, counted per (width, height, steps, guidance)."""
+        table = self.setting_values.filter(pa.array(rows))
+        grouped = table.group_by(list(SETTING_COLUMNS)).aggregate([([], "count_all")])
+        return Counter({tuple(row[c] for c in SETTING_COLUMNS): row["count_all"] for row in grouped.to_pylist()})
+
+    def problem_lines(self, limit: int = 10) -> list[str]:
+        return [
+            f"file {r['file']}, row {r['row']}, column {r['column']!r}"
+            + (f" (id {r['id']!r})" if r["id"] is not None else "")
+            + f": {r['reason']}"
+            for r in self.problems.slice(0, limit).to_pylist()
+        ]
+
+
+class _Problems:
+    """Collects bad rows chunk by chunk; keeps all, or only the first few, in detail."""
+
+    def __init__(self, keep_all: bool):
+        self.keep_all = keep_all
+        self.chunks: list[pa.Table] = []
+        self.kept = 0
+        self.count = 0
+        self.by_column: Counter[str] = Counter()
+
+    def add(self, file: str, rows: np.ndarray, ids: list[Any], columns: list[str], reasons: list[str],
+            prompts: list[Any], seeds: list[Any]) -> None:  # fmt: skip
+        self.count += len(rows)
+        self.by_column.update(
+            "duplicate id" if r.startswith("duplicate id") else c for c, r in zip(columns, reasons, strict=True)
+        )
+        take = len(rows) if self.keep_all else max(0, min(len(rows), MAX_KEPT_PROBLEMS - self.kept))
+        if not take:
+            return
+        self.kept += take
+        self.chunks.append(pa.table([
+            pa.array([file] * take, pa.string()),
+            pa.array(rows[:take], pa.int64()),
+            pa.array([None if i is None else str(i) for i in ids[:take]], pa.string()),
+            pa.array(columns[:take], pa.string()),
+            pa.array(reasons[:take], pa.string()),
+            pa.array([None if p is None else str(p)[:MAX_PROMPT_CHARS] for p in prompts[:take]], pa.string()),
+            pa.array([None if v is None else str(v) for v in seeds[:take]], pa.string()),
+        ], schema=PROBLEM_SCHEMA))  # fmt: skip
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.chunks) if self.chunks else PROBLEM_SCHEMA.empty_table()
+
+
+def plan_manifest(
+    uri: str, storage: StorageConfig | None = None, *, rules: RowRules = GENERIC_RULES, keep_problems: bool = False
+) -> ManifestPlan:
+    """Find every file and row group, check schemas and rows, and collect the ids.
+
+    Only the key and setting columns are read, a row group at a time, so this streams. A
+    structural problem (missing file, unreadable Parquet, missing or mistyped column, no rows)
+    raises a ManifestError or StorageError; bad rows (see `row_problems`, plus every occurrence
+    of an id after its first) are collected in the plan for the caller to report or skip.
+    """
+    fs, root, files = list_manifest_files(uri, storage)
+    fragments: list[Fragment] = []
+    id_chunks: list[pa.Array] = []
+    rejected_chunks: list[np.ndarray] = []
+    problems = _Problems(keep_problems)
+    setting_chunks: list[pa.Table] = []
+    file_uris, file_starts = [], []
+    total = 0
+    for path in files:
+        file_uri = full_uri(fs, path)
+        relpath = posixpath.relpath(path, root)
+        file_uris.append(file_uri)
+        file_starts.append(total)
+        with _open_parquet(fs, path, file_uri) as parquet:
+            schema = parquet.schema_arrow
+            check_schema(schema, file_uri)
+            columns = [c for c in ("id", "prompt", "seed", *SETTING_COLUMNS) if c in schema.names]
+            offset = 0
+            for index in range(parquet.metadata.num_row_groups):
+                num_rows = parquet.metadata.row_group(index).num_rows
+                fragment = Fragment(file_uri, relpath, index, offset, num_rows)
+                table = _read_row_group(parquet, fragment, columns)
+                ids = table.column("id") if "id" in table.column_names else derive_ids(relpath, offset, num_rows)
+                ids = pc.cast(ids, pa.string())
+                id_chunks.extend(ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])
+                bad, bad_columns, reasons = row_problems(table, rules)
+                mask = np.zeros(num_rows, dtype=bool)
+                mask[bad] = True
+                rejected_chunks.append(mask)
+                if len(bad):
+                    taken = table.take(pa.array(bad, pa.int64()))
+                    problems.add(
+                        file_uri,
+                        bad + offset,
+                        pc.take(ids, pa.array(bad)).to_pylist(),
+                        bad_columns,
+                        reasons,
+                        taken.column("prompt").to_pylist(),
+                        taken.column("seed").to_pylist(),
+                    )
+                setting_chunks.append(_setting_values(table))
+                if num_rows:
+                    fragments.append(fragment)
+                offset += num_rows
+        total += offset
+    if total == 0:
+        raise ManifestError(f"manifest {uri} has no rows")
+    ids_all = pa.chunked_array(id_chunks, pa.string())
+    rejected = np.concatenate(rejected_chunks)
+    _reject_duplicates(ids_all, rejected, problems, file_uris, np.asarray(file_starts))
+    table = problems.table()
+    if table.num_rows:
+        table = table.sort_by([("file", "ascending"), ("row", "ascending")])
+    return ManifestPlan(
+        root=full_uri(fs, root),
+        files=file_uris,
+        fragments=fragments,
+        total_rows=total,
+        ids=ids_all,
+        file_rows=np.diff(np.append(file_starts, total)).tolist(),
+        rejected=rejected,
+        problems=table,
+        problem_count=problems.count,
+        problem_columns=problems.by_column,
+        setting_values=pa.concat_tables(setting_chunks),
+    )
+
+
+def _setting_values(table: pa.Table) -> pa.Table:
+    """The per-row settings as float64 columns (nulls: the job's default), for the plan's summary."""
+    columns = [
+        pc.cast(table.column(c), pa.float64(), safe=False)
+        if c in table.column_names
+        else pa.nulls(table.num_rows, pa.float64())
+        for c in SETTING_COLUMNS
+    ]
+    return pa.table(columns, names=list(SETTING_COLUMNS))
+
+
+def _reject_duplicates(
+    ids: pa.ChunkedArray,
+    rejected: np.ndarray,
+    problems: _Problems,
+    file_uris: list[str],
+    file_starts: np.ndarray,
+) -> None:
+    """Every occurrence of an id after its first good one is a bad row (`duplicate id`)."""
+    counts = pc.value_counts(ids)
+    values, times = counts.field("values"), counts.field("counts")
+    duplicated = pc.filter(values, pc.and_(pc.greater(times, 1), pc.is_valid(values)))
+    if not len(duplicated):
+        return
+    positions = np.flatnonzero(_bools(pc.is_in(ids, value_set=duplicated)) & ~rejected)
+    first_seen: dict[str, int] = {}
+    later: list[tuple[int, str, int]] = []
+    for position, value in zip(positions, pc.take(ids, pa.array(positions)).to_pylist(), strict=True):
+        if value in first_seen:
+            later.append((int(position), value, first_seen[value]))
+        else:
+            first_seen[value] = int(position)
+    if not later:
+        return
+
+    def where(position: int) -> tuple[int, int]:
+        index = int(np.searchsorted(file_starts, position, side="right")) - 1
+        return index, position - int(file_starts[index])
+
+    for at, value, first in later:
+        rejected[at] = True
+        index, row = where(at)
+        first_index, first_row = where(first)
+        problems.add(
+            file_uris[index],
+            np.array([row]),
+            [value],
+            ["id"],
+            [f"duplicate id (first at file {file_uris[first_index]}, row {first_row})"],
+            [None],
+            [None],
+        )

@@ -1,0 +1,124 @@
+"""One builder turns the config and the manifest plan into the Ray Data graph:
+
+    read (tasks) → generate (actor pool, GPUs) → encode (CPU tasks) → write parts (tasks)
+
+Encoding runs in its own CPU stage so that the GPU actors hand off raw pixels and go straight
+back to denoising; the writer batches rows into commit units (`write.rows_per_part`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from pipeline.models.presets import get_preset
+from pipeline.output.writer import ModelInfo
+from pipeline.plan.settings import SettingDefaults
+from pipeline.run.stages import EncodeImages, GenerateImages, ReadManifest, WriteParts
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipeline.core.config import JobConfig, ResourcesConfig
+
+# Light stages reserve fractions of a CPU so that, on a small machine, they run beside the
+# generator actors instead of queueing behind them.
+READ_CPUS = 0.25
+ENCODE_CPUS = 0.5
+WRITE_CPUS = 0.25
+
+
+def model_info(config: JobConfig) -> ModelInfo:
+    """What every metadata row records about the model: preset, scheduler and its config, weights."""
+    preset = get_preset(config.model.preset)
+    model = config.model
+    weights = [model.path or preset.base]
+    weights += [ref for ref in (model.unet or preset.unet, model.lora or preset.lora, model.vae) if ref]
+    weights += [f"{lora.path}@{lora.weight:g}" for lora in model.loras]
+    return ModelInfo(model=preset.name, scheduler=preset.scheduler_label(), weights=" + ".join(weights))
+
+
+def generator_runtime_env(config: JobConfig) -> dict[str, dict[str, str]]:
+    """On CPU, start the actor's process with OMP_NUM_THREADS set to its torch threads.
+
+    Ray starts workers with OMP_NUM_THREADS=num_cpus (1), and OpenMP sizes its pool at start-up:
+    a later `torch.set_num_threads` cannot fully undo that (measured ~15% slower on 2 cores).
+    """
+    if config.resources.on_gpu:
+        return {}
+    threads = config.resources.torch_threads or os.cpu_count() or 1
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
+
+
+def retry_bounds(resources: ResourcesConfig, *, actor: bool) -> dict[str, Any]:
+    """Ray remote options that bound how often a stage's dead workers are replaced.
+
+    Ray Data's defaults are unbounded (tasks `max_retries=-1`; actors `max_restarts=-1` and
+    `max_task_retries=-1`), so a process that dies every time (a corrupt weight file that
+    segfaults on load, a GPU driver crashing in the first kernel) is restarted for ever: measured
+    in Ray 2.60, a job whose generator dies on load, on every batch, or whose encode task dies,
+    was still looping after 120 s. A bound of `resources.max_retries` still rides out a lost node
+    or a one-off crash. Ray counts an actor's restarts over its lifetime, not consecutively.
+    """
+    bound = resources.max_retries
+    if actor:
+        return {"max_restarts": bound, "max_task_retries": bound}
+    return {"max_retries": bound}
+
+
+@contextmanager
+def _remote_args_allowed() -> Iterator[None]:
+    """Ray 2.60's map_batches takes the retry bounds only as extra Ray remote args, which it
+    deprecates (for named parameters it does not have yet) with a warning on the user's console.
+    Ray is pinned; tests/integration/test_crashes.py fails if an upgrade drops the bounds."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        yield
+
+
+def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
+    """The graph over read `tasks` (a manifest `Fragment`'s fields plus `skip`: the indices inside
+    it that are done or rejected, dropped in the read stage). `config` has its placement resolved
+    (`runner.resolve_resources`)."""
+    with _remote_args_allowed():
+        return _graph(config, tasks)
+
+
+def _graph(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
+    import ray.data
+
+    defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
+    resources = config.resources
+    tasks_retry = retry_bounds(resources, actor=False)
+    dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    dataset = dataset.map_batches(
+        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
+    )
+    dataset = dataset.map_batches(
+        GenerateImages,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.generation.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=resources.actor_range[0], max_size=resources.actor_range[1]),
+        num_gpus=resources.gpus_per_actor or None,
+        num_cpus=resources.cpus_per_actor,
+        runtime_env=generator_runtime_env(config) or None,
+        **retry_bounds(resources, actor=True),
+    )
+    dataset = dataset.map_batches(
+        EncodeImages(config),
+        batch_size=config.generation.batch_size,
+        batch_format="pyarrow",
+        num_cpus=ENCODE_CPUS,
+        **tasks_retry,
+    )
+    return dataset.map_batches(
+        WriteParts(config, model_info(config)),
+        batch_size=config.write.rows_per_part,
+        batch_format="pyarrow",
+        num_cpus=WRITE_CPUS,
+        **tasks_retry,
+    )

@@ -1,0 +1,284 @@
+"""The Ray Data stages. Each is a small callable over a `pyarrow.Table` batch: one row in, one
+row out (except the reader, which expands a fragment into its rows, and the writer, which turns a
+part into one summary row). Each declares the columns it needs and fails naming itself and the
+missing ones, so a wiring mistake is obvious.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from pipeline.core.errors import SdxlBatchError
+from pipeline.models.presets import get_preset
+from pipeline.output.stats import job_label
+from pipeline.output.writer import TELEMETRY, ModelInfo, PartWriter
+from pipeline.plan.manifest import Fragment, read_fragment, rules_for
+from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.run.encoding import encode_batch
+from pipeline.run.telemetry import JobMetrics, UtilizationSampler, nvml_reader
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.core.config import JobConfig
+    from pipeline.core.render import RenderSettings
+    from pipeline.models.generator import ImageGenerator
+
+logger = logging.getLogger(__name__)
+
+
+def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in batch.column_names]
+    if missing:
+        raise KeyError(f"stage {stage!r} needs columns {missing}, got {batch.column_names}")
+
+
+class ReadManifest:
+    """Read tasks (a manifest slice and the rows in it to skip) → manifest rows with every render
+    setting resolved."""
+
+    needs = (*(f.name for f in fields(Fragment)), "skip")  # every field: a slice without `start` re-reads row 0
+
+    def __init__(self, config: JobConfig, defaults: SettingDefaults):
+        self.storage = config.storage
+        self.defaults = defaults
+        self.rules = rules_for(get_preset(config.model.preset))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("read", batch, self.needs)
+        tables = []
+        for row in batch.select(list(self.needs)).to_pylist():
+            skip = row.pop("skip") or []
+            fragment = Fragment(**row)
+            # Done rows (resume) and rejected rows never reach a GPU.
+            table = read_fragment(fragment, self.storage, rules=self.rules, reject=skip)
+            tables.append(fill_settings(table, self.defaults))
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+class GenerateImages:
+    """The GPU stage: an actor that loads the pipeline once and renders batches of rows."""
+
+    needs = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
+
+    def __init__(self, config: JobConfig):
+        # Every torch call of this actor runs on this one thread. Ray runs the constructor on the
+        # process's main thread and batches on an executor thread; OpenMP keeps a thread team per
+        # calling thread, and with two teams on a node's cores its workers stop spinning and sleep
+        # between parallel regions (measured on 2 cores: a fifth of the CPU idle, ~10% slower).
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-batch-torch")
+        self.load_error = self._torch.submit(self._load, config).result()
+        self.node, self.actor, self.gpu = _placement()
+        self.metrics = JobMetrics(job=job_label(config.output), model=self.generator.model_name)
+        read = nvml_reader() if self.load_error is None and self.generator.device == "cuda" else None
+        self.sampler = UtilizationSampler(read) if read else None
+
+    def _load(self, config: JobConfig) -> SdxlBatchError | None:
+        from pipeline.models.generator import ImageGenerator
+
+        _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.on_gpu)
+        self.generator = ImageGenerator(config.model, config.storage, batch_size=config.generation.batch_size)
+        try:
+            self.generator.load()
+        except SdxlBatchError as error:
+            # Raised from the first batch instead: Ray reports a failed actor constructor with a
+            # traceback and retries it, while a task's error reaches the driver as itself.
+            return error
+        return None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.load_error is not None:
+            raise self.load_error
+        require_columns("generate", batch, self.needs)
+        return self._torch.submit(self._generate, batch).result()
+
+    def _generate(self, batch: pa.Table) -> pa.Table:
+        batch, groups = contiguous_groups(batch)
+        n = batch.num_rows
+        seconds = [0.0] * n
+        call_sizes = [0] * n
+        prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
+        retries_before = self.generator.oom_retries
+        phases_before = dict(self.generator.stage_seconds)
+        calls: list[list[float]] = []
+        started = time.time()
+        pixels = PixelColumn([(s.height, s.width) for s, (lo, hi) in groups for _ in range(lo, hi)], self.generator)
+        for settings, (lo, hi) in groups:
+            start = time.perf_counter()
+            _, sizes = self.generator.render(
+                prompts[lo:hi], negatives[lo:hi], seeds[lo:hi], settings, out=pixels.rows(lo, hi, settings)
+            )
+            elapsed = time.perf_counter() - start
+            calls.append([hi - lo, elapsed, time.time()])  # images, seconds, when it ended
+            seconds[lo:hi] = [elapsed / (hi - lo)] * (hi - lo)
+            call_sizes[lo:hi] = sizes
+        prompt_tokens, limit = self.generator.token_counts(prompts)
+        negative_tokens, _ = self.generator.token_counts(negatives)
+        columns = {
+            "pixels": pixels.to_arrow(),
+            "generation_seconds": pa.array(seconds, pa.float64()),
+            "render_batch_size": pa.array(call_sizes, pa.int32()),
+            "prompt_tokens": pa.array(prompt_tokens, pa.int32()),
+            "prompt_truncated": pa.array([t > limit for t in prompt_tokens], pa.bool_()),
+            "negative_prompt_truncated": pa.array([t > limit for t in negative_tokens], pa.bool_()),
+            "peak_memory_mb": pa.array([self.generator.peak_memory_mb()] * n, pa.float64()),
+            "node": pa.array([self.node] * n, pa.string()),
+            "actor": pa.array([self.actor] * n, pa.string()),
+            TELEMETRY: pa.array(
+                [self._telemetry(n, started, retries_before, phases_before, calls)] + [None] * (n - 1), pa.string()
+            ),
+        }
+        for name, column in columns.items():
+            batch = batch.append_column(name, column)
+        return batch
+
+    def _telemetry(
+        self, rows: int, started: float, retries_before: int, phases_before: dict[str, float], calls: list[list[float]]
+    ) -> str:
+        """This batch's measurements, counted once (JSON on its first row): where it ran,
+        out-of-memory retries, seconds per phase (text encoding, denoising, VAE decoding, copy to
+        host), (images, seconds, end time) per model call, GPU utilisation and memory. The same
+        figures go to Ray's metrics."""
+        generator = self.generator
+        phases = {stage: seconds - phases_before.get(stage, 0.0) for stage, seconds in generator.stage_seconds.items()}
+        retries = generator.oom_retries - retries_before
+        on_gpu = generator.device == "cuda"
+        utilization = self.sampler.mean_since(started) if self.sampler else None
+        memory_mb = generator.peak_memory_mb()
+        self.metrics.batch(images=rows, calls=[c[1] for c in calls], stages=phases, oom_retries=retries)
+        if on_gpu:
+            self.metrics.gpu(gpu=self.gpu, utilization=utilization, memory_peak_bytes=memory_mb * 2**20)
+        return json.dumps({
+            "actor": self.actor,
+            "node": self.node,
+            "gpu": self.gpu,
+            "device": generator.device,
+            "rows": rows,
+            "oom_retries": retries,
+            "stage_seconds": phases,
+            "calls": calls,
+            "gpu_utilization": utilization,
+            "gpu_memory_peak_mb": memory_mb if on_gpu else None,
+            "lora_layers_unmatched": generator.lora_layers_unmatched,
+        })  # fmt: skip
+
+
+def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
+    """On CPU the generator is the bottleneck, so by default it may use every core of its node
+    (Ray otherwise pins OMP threads to the actor's `num_cpus`). On GPU, Ray's default stands."""
+    import os
+
+    threads = requested or (None if on_gpu else os.cpu_count())
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _placement() -> tuple[str, str, str]:
+    """This actor's node id, actor id and GPU label (`gpu<ids>` as Ray assigned them; "" on CPU)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    actor = context.get_actor_id() or context.get_worker_id()
+    gpu_ids = ray.get_gpu_ids()
+    gpu = "gpu" + ",".join(str(i) for i in gpu_ids) if gpu_ids else ""
+    return context.get_node_id(), actor, gpu
+
+
+def contiguous_groups(batch: pa.Table) -> tuple[pa.Table, list[tuple[RenderSettings, tuple[int, int]]]]:
+    """The batch with rows of equal render settings next to each other, and each group's settings
+    and row range. A batch's rows are independent, so their order within it is free; each model
+    call then writes one contiguous slice of the batch's pixel buffer."""
+    groups = group_by_settings(batch)
+    order = [i for indices in groups.values() for i in indices]
+    if order != list(range(batch.num_rows)):
+        batch = batch.take(pa.array(order, pa.int64()))
+    ranges, start = [], 0
+    for settings, indices in groups.items():
+        ranges.append((settings, (start, start + len(indices))))
+        start += len(indices)
+    return batch, ranges
+
+
+class PixelColumn:
+    """The uint8 pixels of a batch in one host buffer (page-locked on CUDA, see
+    `ImageGenerator.host_pixels`), row after row, handed to Arrow without a copy: the pixels
+    cross from the GPU once, straight into the column the next stage reads."""
+
+    def __init__(self, shapes: list[tuple[int, int]], generator: ImageGenerator):
+        import numpy as np
+
+        sizes = [height * width * 3 for height, width in shapes]
+        self.offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=self.offsets[1:])
+        self.data = generator.host_bytes(int(self.offsets[-1]))
+
+    def rows(self, start: int, end: int, settings: RenderSettings) -> torch.Tensor:
+        """Rows start..end (of equal settings) as one (rows, height, width, 3) view."""
+        view = self.data[int(self.offsets[start]) : int(self.offsets[end])]
+        return view.view(end - start, settings.height, settings.width, 3)
+
+    def to_arrow(self) -> pa.LargeBinaryArray:
+        data = pa.py_buffer(self.data.numpy())  # the buffer keeps the tensor's memory alive
+        return pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(self.offsets) - 1, [None, pa.py_buffer(self.offsets), data]
+        )
+
+
+class EncodeImages:
+    needs = ("pixels", "width", "height")
+
+    def __init__(self, config: JobConfig):
+        self.image_format = config.generation.image_format
+        self.quality = config.generation.image_quality
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("encode", batch, self.needs)
+        return encode_batch(batch, image_format=self.image_format, quality=self.quality)
+
+
+class WriteParts:
+    """Commits a part (images, then metadata) and returns one summary row for the driver."""
+
+    needs = (
+        "id",
+        "image",
+        "sha256",
+        "bytes",
+        "generation_seconds",
+        "encode_seconds",
+        "peak_memory_mb",
+        "node",
+        "actor",
+    )
+
+    def __init__(self, config: JobConfig, model: ModelInfo):
+        self.job = job_label(config.output)
+        self.model_name = model.model
+        self.metrics: JobMetrics | None = None  # created in the worker (Ray metrics live there)
+        self.writer = PartWriter(
+            output=config.output,
+            layout=config.write.layout,
+            image_format=config.generation.image_format,
+            model=model,
+            storage=config.storage,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns("write", batch, self.needs)
+        record = self.writer.write(batch)
+        if self.metrics is None:
+            self.metrics = JobMetrics(job=self.job, model=self.model_name)
+        self.metrics.committed(
+            record["rows"], stages={"encode": record["encode_seconds"], "upload": record["upload_seconds"]}
+        )
+        # One row per part for the driver: its row count (progress) and its stats record.
+        return pa.table({"rows": [record["rows"]], "record": [json.dumps(record)]})

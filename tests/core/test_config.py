@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
+from tests.helpers import REPO, write_config
+
+
+def test_shipped_configs_load() -> None:
+    demo = load_config(REPO / "configs/demo.yaml")
+    assert demo.model.preset == "tiny"
+    assert demo.resources.gpus_per_actor == 0
+    lightning = load_config(REPO / "configs/lightning-4step.yaml")
+    assert lightning.model.preset == "lightning-4step"
+    assert lightning.generation.steps == 4
+    assert lightning.generation.guidance_scale == 0.0
+    assert lightning.resources.gpus_per_actor == 1
+
+
+def test_unknown_key_is_rejected_with_its_path(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", manifest="m.parquet", output="out", generation={"batchsize": 8})
+    with pytest.raises(ConfigError, match=r"generation\.batchsize: unknown key"):
+        load_config(path)
+
+
+def test_missing_required_and_bad_values_are_named(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", output="out", generation={"batch_size": 0})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "manifest: required but missing" in message
+    assert "generation.batch_size" in message
+
+
+def test_cli_overrides_are_typed_and_win(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", manifest="m.parquet", output="out")
+    config = load_config(
+        path,
+        output="s3://b/o",
+        overrides=[
+            "generation.batch_size=8",
+            "generation.guidance_scale=1.5",
+            "model.path=null",
+            "write.layout=webdataset",
+        ],
+    )
+    assert config.output == "s3://b/o"
+    assert config.generation.batch_size == 8
+    assert config.generation.guidance_scale == 1.5
+    assert config.model.path is None
+    assert config.write.layout == "webdataset"
+
+
+@pytest.mark.parametrize("item", ["generation.batch_size", "=3", "manifest.x=1"])
+def test_malformed_overrides(tmp_path: Path, item: str) -> None:
+    path = write_config(tmp_path / "c.yaml", manifest="m.parquet", output="out")
+    with pytest.raises(ConfigError):
+        load_config(path, overrides=[item])
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("manifest: !!python/object/apply:os.system ['echo pwned']\noutput: out\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_secrets_are_masked_in_dumps(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "c.yaml", manifest="m.parquet", output="out", storage={"key": "AKIASECRET", "secret": "shh-123"}
+    )
+    config = load_config(path)
+    dumped = str(config.model_dump(mode="json")) + repr(config)
+    assert "AKIASECRET" not in dumped and "shh-123" not in dumped
+    assert config.storage.secret is not None and config.storage.secret.get_secret_value() == "shh-123"
+
+
+def test_every_config_key_is_documented_in_the_readme() -> None:
+    """The README's configuration table names every key of the config model."""
+
+    from pydantic import BaseModel
+
+    from pipeline.core.config import JobConfig
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| key | default | meaning |") :].split("\n\n")[0]
+
+    def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += keys(kind, f"{prefix}{name}.")
+            else:
+                found.append(f"{prefix}{name}")
+        return found
+
+    missing = []
+    for key in keys(JobConfig):
+        section, _, leaf = key.rpartition(".")
+        # Grouped rows name siblings after a slash: `generation.width` / `height`.
+        if f"`{key}`" not in table and not (section and f"/ `{leaf}`" in table and f"`{section}." in table):
+            missing.append(key)
+    assert not missing, f"config keys missing from the README table: {missing}"

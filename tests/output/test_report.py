@@ -1,0 +1,269 @@
+"""`sdxl-batch report` without Ray: outputs written by the real PartWriter from synthetic batches
+(real PNGs, the generator's telemetry), then the HTML parsed and its images decoded."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.core.errors import SdxlBatchError, StorageError
+from pipeline.core.io import filesystem, join, write_bytes
+from pipeline.output.report import stage_breakdown, throughput_series, write_report
+from pipeline.output.stats import JobStats
+from pipeline.output.writer import ModelInfo, PartWriter
+
+SECTIONS = ["Summary", "Throughput over time", "Per actor", "Stage breakdown", "Sample images"]
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</title><b>bold & 'quoted'"]
+
+
+def _png(seed: int, size: tuple[int, int] = (48, 32)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _batch(ids: list[str], prompts: list[str], *, actor: str, started: float, big: bool = False) -> pa.Table:
+    """An encoded batch as the generator and encoder hand it to the writer: one model call per
+    four rows, the batch's telemetry JSON on its first row."""
+    n = len(ids)
+    images = [_png(i, (600, 400) if big and i == 0 else (48, 32)) for i in range(n)]
+    calls = [[len(ids[k : k + 4]), 0.5, started + 0.5 * (k // 4 + 1)] for k in range(0, n, 4)]
+    telemetry = {
+        "actor": actor, "node": "node-aaaaaaaaaaaa", "gpu": "", "device": "cpu", "rows": n, "oom_retries": 0,
+        "stage_seconds": {"text_encode": 0.1, "denoise": 0.6, "vae_decode": 0.25, "to_host": 0.01},
+        "calls": calls, "gpu_utilization": None, "gpu_memory_peak_mb": None,
+    }  # fmt: skip
+    return pa.table({
+        "id": ids,
+        "prompt": prompts,
+        "negative_prompt": pa.nulls(n, pa.string()),
+        "seed": [1000 + i for i in range(n)],
+        "width": [48] * n,
+        "height": [32] * n,
+        "steps": [4] * n,
+        "guidance_scale": [0.0] * n,
+        "image": pa.array(images, pa.large_binary()),
+        "sha256": [hashlib.sha256(b).hexdigest() for b in images],
+        "bytes": [len(b) for b in images],
+        "generation_seconds": [0.25] * n,
+        "encode_seconds": [0.01] * n,
+        "peak_memory_mb": [512.0] * n,
+        "node": ["node-aaaaaaaaaaaa"] * n,
+        "actor": [actor] * n,
+        "telemetry": pa.array([json.dumps(telemetry)] + [None] * (n - 1), pa.string()),
+    })  # fmt: skip
+
+
+def make_output(
+    output: str,
+    *,
+    rows: int = 12,
+    layout: str = "files",
+    prompts: list[str] | None = None,
+    stats_json: bool = True,
+    big_image: bool = False,
+) -> str:
+    """An output of `rows` rows in parts of 4, from two actors, with job.json and stats.json."""
+    writer = PartWriter(output=output, layout=layout, image_format="png", model=ModelInfo("tiny", "Euler"))
+    ids = [f"row-{i:03d}" for i in range(rows)]
+    texts = prompts or [f"a photo of a red dog number {i}" for i in range(rows)]
+    stats, t0 = JobStats(), time.time() - 60
+    for start in range(0, rows, 4):
+        batch = _batch(ids[start : start + 4], texts[start : start + 4], actor=f"actor{start // 4 % 2}" * 4,
+                       started=t0 + start / 2, big=big_image and start == 0)  # fmt: skip
+        stats.add_part(writer.write(batch))
+    fs, root = filesystem(output)
+    config = {"generation": {"batch_size": 4}, "resources": {"actors": 2}, "write": {"layout": layout}}
+    job = {"started_at": "2026-01-02T03:04:05+00:00", "manifest_rows": rows, "config": config}
+    write_bytes(fs, join(root, "job.json"), json.dumps(job).encode())
+    if stats_json:
+        extra = {"rows_done_before": 0, "rows_rejected": 0, "model": "tiny", "scheduler": "Euler", "batch_size": 4,
+                 "actors": 2, "layout": layout, "image_format": "png"}  # fmt: skip
+        record = stats.to_dict(wall_seconds=9.5, manifest_rows=rows, extra=extra)
+        write_bytes(fs, join(root, "stats.json"), json.dumps(record).encode())
+    return output
+
+
+@dataclass
+class Page(HTMLParser):
+    """The parts of the report page the tests look at."""
+
+    title: str = ""
+    headings: list[str] = field(default_factory=list)
+    images: list[dict[str, str | None]] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # every src/href-like attribute value
+    tags: set[str] = field(default_factory=set)
+    svgs: int = 0
+    text: list[str] = field(default_factory=list)
+    _in: str = ""
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self._in = tag
+        self.svgs += tag == "svg"
+        self.links += [v or "" for k, v in attrs if k in ("src", "href", "xlink:href", "action", "srcset")]
+        if tag == "img":
+            self.images.append(dict(attrs))
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._in == "title":
+            self.title += data
+        elif self._in == "h2":
+            self.headings.append(data.strip())
+        self.text.append(data)
+
+
+def parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def decode(src: str | None) -> Image.Image:
+    assert src is not None and src.startswith("data:image/jpeg;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    image.load()
+    return image
+
+
+def test_report_has_every_section_and_embeds_everything(tmp_path: Path) -> None:
+    output = make_output(str(tmp_path / "out"), big_image=True)
+    assert write_report(output) == str(tmp_path / "out" / "report.html")
+    html = (tmp_path / "out" / "report.html").read_text()
+    page = parse(tmp_path / "out" / "report.html")
+    assert page.headings == SECTIONS and "out" in page.title
+    assert page.svgs == 3  # throughput, per actor, stages
+    assert len(page.images) == 12
+    for img in page.images:
+        image = decode(img["src"])
+        assert max(image.size) <= 256 and (img["width"], img["height"]) == (str(image.width), str(image.height))
+    assert decode(page.images[0]["src"]).size == (256, 171)  # the 600x400 image, scaled down
+    # Self-contained: nothing to fetch, no URL of any kind (SVG namespaces and metadata included).
+    assert all(link.startswith(("data:", "#")) for link in page.links)
+    assert "://" not in html and "<script" not in html and "<link" not in html
+    text = " ".join(page.text)
+    for expected in ("Rows rendered", "Batch latency p99", "Busy fraction", "Denoise (UNet)", "Upload", "actor0ac",
+                     "a photo of a red dog number 7", "seed 1001", "Euler", "48×32"):  # fmt: skip
+        assert expected in text, expected
+
+
+def test_hostile_prompts_and_ids_are_escaped(tmp_path: Path) -> None:
+    prompts = [HOSTILE[i % len(HOSTILE)] for i in range(8)]
+    output = make_output(str(tmp_path / "out"), rows=8, prompts=prompts)
+    page = parse(Path(write_report(output)))
+    html = (tmp_path / "out" / "report.html").read_text()
+    for hostile in HOSTILE:
+        assert hostile not in html  # only its escaped form
+        assert hostile in page.text  # and it reads back as the user wrote it
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "script" not in page.tags and "b" not in page.tags
+    assert all(img["src"] and img["src"].startswith("data:image/jpeg") for img in page.images)
+    assert not any("onerror" in img for img in page.images)
+    assert {img["alt"] for img in page.images} == set(HOSTILE)
+
+
+def test_samples_are_spread_evenly_and_sorted(tmp_path: Path) -> None:
+    output = make_output(str(tmp_path / "out"), rows=40)
+    page = parse(Path(write_report(output, samples=5)))
+    shown = [t for t in page.text if t.startswith("row-")]
+    assert shown == ["row-000", "row-010", "row-020", "row-029", "row-039"]
+    assert len(page.images) == 5
+    assert "5 of 40 rows" in " ".join(" ".join(page.text).split())
+
+
+def test_webdataset_layout(tmp_path: Path) -> None:
+    output = make_output(str(tmp_path / "out"), rows=10, layout="webdataset")
+    assert not (tmp_path / "out" / "images").exists()
+    page = parse(Path(write_report(output)))
+    assert page.headings == SECTIONS
+    assert len(page.images) == 10
+    sizes = {decode(img["src"]).size for img in page.images}
+    assert sizes == {(48, 32)}
+
+
+def test_without_stats_json_the_summary_comes_from_the_parts(tmp_path: Path) -> None:
+    output = make_output(str(tmp_path / "out"), stats_json=False)
+    page = parse(Path(write_report(output)))
+    text = " ".join(" ".join(page.text).split())
+    assert "No stats.json" in text and "rebuilt from the 3 per-part stats records" in text
+    assert "Rows rendered 12" in text and "Manifest rows 12" in text and "Batch size 4" in text
+    assert "Model tiny" in text and page.headings == SECTIONS
+
+
+def test_an_unreadable_image_leaves_a_placeholder(tmp_path: Path) -> None:
+    output = make_output(str(tmp_path / "out"), rows=4)
+    images = sorted((tmp_path / "out" / "images").rglob("*.png"))
+    images[0].unlink()
+    images[1].write_bytes(b"not an image")
+    page = parse(Path(write_report(output)))
+    assert len(page.images) == 2
+    assert " ".join(page.text).count("image unreadable") == 2
+
+
+def test_empty_or_missing_output_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SdxlBatchError, match=r"nothing to report: the output .*missing does not exist"):
+        write_report(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "metadata").mkdir(parents=True)
+    with pytest.raises(SdxlBatchError, match=r"nothing to report under .*empty: no committed part") as error:
+        write_report(str(tmp_path / "empty"))
+    assert "metadata/part-*.parquet" in str(error.value)
+    assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_a_damaged_metadata_part_is_a_storage_error(tmp_path: Path) -> None:
+    output = make_output(str(tmp_path / "out"), rows=8)
+    next((tmp_path / "out" / "metadata").glob("part-*.parquet")).write_bytes(b"not parquet")
+    with pytest.raises(StorageError, match=r"cannot read the output .*out: .*sdxl-batch verify"):
+        write_report(output)
+
+
+def test_throughput_series_counts_every_image_once() -> None:
+    # Two actors: calls of 4 images, 1 s each; the second actor starts 0.5 s later.
+    parts = [{"calls": [[4, 1.0, 101.0], [4, 1.0, 102.0]]}, {"calls": [[4, 1.0, 101.5], [2, 1.0, 102.5]]}]
+    series = throughput_series(parts)
+    assert series is not None
+    assert series.finished_at.tolist() == [1.0, 1.5, 2.0, 2.5]
+    assert series.cumulative.tolist() == [4, 8, 12, 14]
+    widths = np.diff(series.bin_edges)
+    assert float((series.images_per_second * widths).sum()) == pytest.approx(14)
+    assert float(series.images_per_second.max()) == pytest.approx(8.0)  # both actors at 4 images/s
+    assert throughput_series([{"calls": []}]) is None
+
+
+def test_stage_breakdown_in_pipeline_order() -> None:
+    parts = [{"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
+              "encode_seconds": 0.2, "upload_seconds": 0.1}]  # fmt: skip
+    assert stage_breakdown(parts) == [
+        ("Text encode", 0.5), ("Denoise (UNet)", 3.0), ("VAE decode", 1.0), ("Other generation", 0.5),
+        ("Image encoding", 0.2), ("Upload", 0.1),
+    ]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_report_on_s3(s3_bucket: str, tmp_path: Path) -> None:
+    output = make_output(f"s3://{s3_bucket}/job/out", rows=8, layout="webdataset")
+    assert write_report(output) == f"s3://{s3_bucket}/job/out/report.html"
+    fs, root = filesystem(output)
+    (tmp_path / "report.html").write_bytes(fs.cat_file(join(root, "report.html")))
+    page = parse(tmp_path / "report.html")
+    assert page.headings == SECTIONS and len(page.images) == 8
+    with pytest.raises(SdxlBatchError, match="nothing to report"):
+        write_report(f"s3://{s3_bucket}/job/nothing-here")

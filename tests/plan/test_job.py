@@ -1,0 +1,192 @@
+"""Validation before any GPU work: every row checked, bad rows reported or skipped, a job summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.core.config import build_config
+from pipeline.core.errors import ConfigError, ManifestError, ModelError
+from pipeline.plan.job import plan_job, raise_for_bad_rows, write_rejects
+from pipeline.plan.manifest import plan_manifest, read_fragment, rules_for
+from pipeline.run.runner import pending_slices
+from tests.helpers import prompt_rows, write_manifest
+
+
+def _job(tmp_path: Path, rows: list[dict[str, Any]], *, schema: pa.Schema | None = None, **config: Any) -> Any:
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    data = {"manifest": str(path), "output": str(tmp_path / "out"), "model": {"preset": "lightning-4step"}, **config}
+    return plan_job(build_config(data))
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "reason"),
+    [
+        ({"prompt": None}, "prompt", "prompt is missing"),
+        ({"prompt": ""}, "prompt", "prompt is empty"),
+        ({"prompt": "  \t "}, "prompt", "prompt is empty"),
+        ({"seed": None}, "seed", "seed is missing"),
+        ({"seed": -5}, "seed", "seed is out of range"),
+        ({"width": 1004}, "width", "multiple of 8"),
+        ({"height": 4096}, "height", "renders heights from 64 to 2048 px (got 4096)"),
+        ({"width": 32}, "width", "renders widths from 64 to 2048 px (got 32)"),
+        ({"steps": 8}, "steps", "takes 4 steps: the checkpoint was distilled for exactly this step count"),
+        ({"guidance_scale": 5.0}, "guidance_scale", "takes guidance 0 to 1"),
+        ({"id": ""}, "id", "id is empty"),
+    ],
+)
+def test_each_kind_of_bad_row_is_named_with_file_row_and_column(
+    tmp_path: Path, row: dict[str, Any], column: str, reason: str
+) -> None:
+    good = {"id": "a", "prompt": "fine", "seed": 1, "width": 1024, "height": 1024, "steps": 4, "guidance_scale": 0.0}
+    rows = [good, {**good, "id": "b", **row}]
+    job = _job(tmp_path, rows)
+    assert job.manifest.problem_count == 1 and job.manifest.rejected.tolist() == [False, True]
+    with pytest.raises(ManifestError) as info:
+        raise_for_bad_rows(job)
+    message = str(info.value)
+    assert f"m.parquet, row 1, column '{column}'" in message and reason in message
+    assert "on_bad_row: skip" in message  # says what to do
+
+
+def test_seeds_stored_as_floats_must_be_integral_and_in_range(tmp_path: Path) -> None:
+    schema = pa.schema([("prompt", pa.string()), ("seed", pa.float64())])
+    rows = [{"prompt": "p", "seed": s} for s in (3.0, 2.5, float("nan"), 2.0**64, -1.0, float("inf"))]
+    job = _job(tmp_path, rows, schema=schema, on_bad_row="skip")
+    assert job.manifest.rejected.tolist() == [False, True, True, True, True, True]
+    reasons = job.manifest.problems.column("reason").to_pylist()
+    assert "not an integer" in reasons[0] and "out of range" in reasons[2]
+    table = read_fragment(job.manifest.fragments[0], rules=rules_for(job.preset), reject=[1, 2, 3, 4, 5])
+    assert table.column("seed").to_pylist() == [3] and table.schema.field("seed").type == pa.int64()
+
+
+def test_fail_mode_reports_the_first_rows_and_the_total(tmp_path: Path) -> None:
+    rows = [{"prompt": "p" if i % 3 else "", "seed": i} for i in range(90)]
+    job = _job(tmp_path, rows)
+    assert job.manifest.problem_count == 30 and job.manifest.problems.num_rows == 20  # details of the first only
+    with pytest.raises(ManifestError) as info:
+        raise_for_bad_rows(job)
+    message = str(info.value)
+    assert message.startswith("30 bad row(s)") and "row 0," in message and "row 27," in message
+    assert "row 30," not in message and "and 20 more" in message
+
+
+def test_skip_mode_keeps_every_problem_and_writes_rejects(tmp_path: Path) -> None:
+    rows = [{"id": f"r{i}", "prompt": "p" if i % 3 else "", "seed": i} for i in range(90)]
+    rows[5]["id"] = "r4"  # a duplicate: the later occurrence is rejected
+    job = _job(tmp_path, rows, on_bad_row="skip")
+    raise_for_bad_rows(job)  # does not raise
+    assert job.manifest.problem_count == 31 and job.pending_rows == 59
+    assert dict(job.manifest.problem_columns) == {"prompt": 30, "duplicate id": 1}
+    written = write_rejects(job)
+    assert len(written) == 1 and written[0].endswith("rejects/m.parquet")
+    rejects = pq.read_table(tmp_path / "out" / "rejects" / "m.parquet").to_pylist()
+    assert [r["row"] for r in rejects] == sorted([*range(0, 90, 3), 5])
+    duplicate = next(r for r in rejects if r["row"] == 5)
+    assert duplicate["id"] == "r4" and "duplicate id (first at file" in duplicate["reason"]
+    assert rejects[0] == {
+        "file": str(tmp_path / "m.parquet"),
+        "row": 0,
+        "id": "r0",
+        "column": "prompt",
+        "reason": "prompt is empty",
+        "prompt": "",
+        "seed": "0",
+    }
+    # A fixed manifest leaves no stale rejects behind.
+    fixed = _job(tmp_path, [{"id": f"r{i}", "prompt": "p", "seed": i} for i in range(90)], on_bad_row="skip")
+    assert write_rejects(fixed) == [] and not list((tmp_path / "out" / "rejects").iterdir())
+
+
+def test_read_tasks_skip_rejected_and_done_rows_by_position(tmp_path: Path) -> None:
+    rows = prompt_rows(40, with_ids=False)  # derived ids depend on positions: dropping rows must not shift them
+    rows[3]["prompt"] = ""
+    rows[17]["seed"] = -1
+    write_manifest(tmp_path / "m.parquet", rows, row_group_size=16)
+    data = {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o"), "on_bad_row": "skip"}
+    job = plan_job(build_config({**data, "model": {"preset": "tiny"}}))
+    job.finished[[0, 20, 21]] = True  # as if a previous run had committed these rows
+    tasks = pending_slices(job)
+    assert sum(t["num_rows"] - len(t["skip"]) for t in tasks) == job.pending_rows == 35
+    ids = []
+    for task in tasks:
+        skip = task.pop("skip")
+        from pipeline.plan.manifest import Fragment
+
+        ids += read_fragment(Fragment(**task), reject=skip).column("id").to_pylist()
+    expected = [i for n, i in enumerate(job.manifest.ids.to_pylist()) if n not in (0, 3, 17, 20, 21)]
+    assert ids == expected and ids[0] == "m-000000001"
+
+
+def test_a_row_changed_after_planning_stops_the_read_stage(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "m.parquet", prompt_rows(4))
+    plan = plan_manifest(str(tmp_path / "m.parquet"))
+    rows = prompt_rows(4)
+    rows[2]["seed"] = -7
+    write_manifest(tmp_path / "m.parquet", rows)
+    with pytest.raises(ManifestError, match=r"row 2, column 'seed'.*changed after the job was planned"):
+        read_fragment(plan.fragments[0])
+
+
+def test_job_level_settings_are_checked_against_the_preset(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "seed": 1}]
+    with pytest.raises(ConfigError, match="width 1004 is not a multiple of 8"):
+        _job(tmp_path, rows, generation={"width": 1004})
+    with pytest.raises(ConfigError, match="renders heights from 64 to 2048 px, not 4096"):
+        _job(tmp_path, rows, generation={"height": 4096})
+    with pytest.raises(ConfigError, match="takes 4 steps"):
+        _job(tmp_path, rows, generation={"steps": 30})
+    with pytest.raises(ModelError, match="unknown model preset 'lightning-5step'"):
+        _job(tmp_path, rows, model={"preset": "lightning-5step"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        _job(tmp_path, rows, on_bad_rows="skip")
+
+
+def test_summary_says_what_the_job_will_do(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "seed": i, "width": 768 if i < 3 else None, "height": None} for i in range(10)]
+    rows.append({"prompt": "", "seed": 10, "width": None, "height": None})
+    job = _job(tmp_path, rows, on_bad_row="skip", generation={"batch_size": 4})
+    assert job.render_groups() == [((1024, 1024, 4, 0.0), 7), ((768, 1024, 4, 0.0), 3)]
+    assert job.model_calls() == math.ceil(7 / 4) + 1
+    text = "\n".join(job.summary_lines())
+    for expected in (
+        "1 file(s), 11 rows",
+        "bad rows   1 (1 prompt); on_bad_row: skip",
+        "to render  10 rows",
+        "1024x1024, 4 steps, guidance 0: 7 rows",
+        "768x1024, 4 steps, guidance 0: 3 rows",
+        "3 model calls (batch size 4)",
+        "estimate   unknown",
+    ):
+        assert expected in text, text
+
+
+def test_estimate_uses_a_previous_measurement_with_the_same_settings(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "seed": i} for i in range(100)]
+    job = _job(tmp_path, rows, resources={"actors": 2})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job.json").write_text(json.dumps({"fingerprint": job.fingerprint}))
+    (out / "stats.json").write_text(json.dumps({"rows": 10, "seconds_per_image": 0.5}))
+    job = _job(tmp_path, rows, resources={"actors": 2})
+    seconds, source = job.estimate()
+    assert seconds == pytest.approx(50.0) and "0.500 s/image" in source
+    assert "about 25 s on 2 actor(s)" in "\n".join(job.summary_lines())
+    (out / "job.json").write_text(json.dumps({"fingerprint": {"digest": "other"}}))
+    assert _job(tmp_path, rows).estimate() is None  # other settings: no estimate
+
+
+def test_planning_memory_holds_no_prompts(tmp_path: Path) -> None:
+    rows = [{"prompt": "x" * 2000, "seed": i} for i in range(2000)]
+    job = _job(tmp_path, rows)
+    kept = job.manifest.ids.nbytes + job.manifest.setting_values.nbytes + job.manifest.rejected.nbytes
+    assert kept < 2000 * 100  # ids and settings only: the 4 MB of prompts are not held
+    assert isinstance(job.manifest.rejected, np.ndarray)

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.core.errors import ManifestError
+from pipeline.plan.manifest import plan_manifest, read_fragment
+from tests.helpers import prompt_rows, write_manifest
+
+
+def test_single_file_folder_and_glob(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "m" / "a.parquet", prompt_rows(3))
+    write_manifest(tmp_path / "m" / "sub" / "b.parquet", prompt_rows(2, start=3))
+    (tmp_path / "m" / "notes.txt").write_text("ignored")
+    assert plan_manifest(str(tmp_path / "m" / "a.parquet")).total_rows == 3
+    folder = plan_manifest(str(tmp_path / "m"))
+    assert folder.total_rows == 5 and len(folder.files) == 2
+    assert plan_manifest(str(tmp_path / "m" / "*.parquet")).total_rows == 3
+    assert plan_manifest(f"file://{tmp_path}/m/**/*.parquet").total_rows == 5
+
+
+def test_derived_ids_are_stable_and_unique(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "m" / "a.parquet", prompt_rows(5, with_ids=False), row_group_size=2)
+    write_manifest(tmp_path / "m" / "sub" / "a.parquet", prompt_rows(3, with_ids=False))
+    first = plan_manifest(str(tmp_path / "m"))
+    second = plan_manifest(str(tmp_path / "m"))
+    ids = first.ids.to_pylist()
+    assert ids == second.ids.to_pylist()
+    assert ids[:5] == [f"a-{i:09d}" for i in range(5)]
+    assert ids[5:] == [f"sub__a-{i:09d}" for i in range(3)]
+    # Row groups carry their offsets, so the read stage derives the same ids.
+    read = [i for f in first.fragments for i in read_fragment(f).column("id").to_pylist()]
+    assert read == ids
+
+
+def test_read_fragment_normalises_schema_and_keeps_pass_through(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p", "seed": 1, "width": 256, "guidance_scale": 2, "extra": [1, 2], "tag": "x"},
+        {"prompt": "q", "seed": 2, "width": None, "guidance_scale": None, "extra": [], "tag": None},
+    ]
+    plan = plan_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
+    table = read_fragment(plan.fragments[0])
+    assert table.column_names[:8] == [
+        "id",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "width",
+        "height",
+        "steps",
+        "guidance_scale",
+    ]
+    assert table.schema.field("seed").type == pa.int64()
+    assert table.schema.field("guidance_scale").type == pa.float64()
+    assert table.column("extra").to_pylist() == [[1, 2], []]
+    assert table.column("height").null_count == 2
+
+
+def _expect_error(tmp_path: Path, rows: list[dict[str, Any]], *, match: str, schema: pa.Schema | None = None) -> str:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    with pytest.raises(ManifestError, match=match) as info:
+        plan_manifest(str(path))
+    return str(info.value)
+
+
+def test_missing_required_column(tmp_path: Path) -> None:
+    message = _expect_error(tmp_path, [{"prompt": "p"}], match="required column is missing")
+    assert "bad.parquet" in message and "'seed'" in message
+
+
+def test_mistyped_column(tmp_path: Path) -> None:
+    message = _expect_error(tmp_path, [{"prompt": "p", "seed": "12"}], match="expected integer")
+    assert "'seed'" in message
+
+
+@pytest.mark.parametrize(
+    ("rows", "column", "row"),
+    [
+        ([{"prompt": "ok", "seed": 1}, {"prompt": None, "seed": 2}], "prompt", 1),
+        ([{"prompt": "ok", "seed": 1}, {"prompt": "", "seed": 2}], "prompt", 1),
+        ([{"prompt": "ok", "seed": -1}], "seed", 0),
+        ([{"prompt": "ok", "seed": 1}, {"prompt": "ok", "seed": None}], "seed", 1),
+        ([{"prompt": "ok", "seed": 1, "id": ""}], "id", 0),
+    ],
+)
+def test_bad_rows_are_reported_with_row_and_column(
+    tmp_path: Path, rows: list[dict[str, Any]], column: str, row: int
+) -> None:
+    plan = _plan(tmp_path, rows)
+    assert plan.problem_count == 1 and plan.rejected.tolist() == [i == row for i in range(len(rows))]
+    assert f"bad.parquet, row {row}, column '{column}'" in plan.problem_lines()[0]
+
+
+def _plan(tmp_path: Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> Any:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return plan_manifest(str(path), keep_problems=True)
+
+
+def test_seed_above_int63_in_uint64_column(tmp_path: Path) -> None:
+    schema = pa.schema([("prompt", pa.string()), ("seed", pa.uint64())])
+    plan = _plan(tmp_path, [{"prompt": "p", "seed": 2**63 - 1}, {"prompt": "p", "seed": 2**63}], schema)
+    assert plan.rejected.tolist() == [False, True] and "2**63" in plan.problem_lines()[0]
+
+
+def test_duplicate_ids_keep_the_first_occurrence(tmp_path: Path) -> None:
+    rows = [{"id": i, "prompt": "p", "seed": 1} for i in ("a", "b", "a", "c", "a")]
+    plan = _plan(tmp_path, rows)
+    assert plan.rejected.tolist() == [False, False, True, False, True]
+    assert all("duplicate id (first at file" in line and "row 0)" in line for line in plan.problem_lines())
+
+
+def test_reserved_column(tmp_path: Path) -> None:
+    _expect_error(tmp_path, [{"prompt": "p", "seed": 1, "sha256": "x"}], match="reserved")
+
+
+def test_empty_manifest(tmp_path: Path) -> None:
+    schema = pa.schema([("prompt", pa.string()), ("seed", pa.int64())])
+    _expect_error(tmp_path, [], match="no rows", schema=schema)
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="not found"):
+        plan_manifest(str(tmp_path / "nope.parquet"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ManifestError, match="not a readable Parquet file"):
+        plan_manifest(str(tmp_path / "corrupt.parquet"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="matches no Parquet files"):
+        plan_manifest(str(tmp_path / "empty"))
+
+
+def test_row_groups_split_into_slices_with_the_same_ids(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "m.parquet", prompt_rows(25, with_ids=False), row_group_size=10)
+    plan = plan_manifest(str(tmp_path / "m.parquet"))
+    slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
+    assert [s.num_rows for s in slices] == [4, 4, 2, 4, 4, 2, 4, 1]
+    read = [i for s in slices for i in read_fragment(s).column("id").to_pylist()]
+    assert read == plan.ids.to_pylist()
+
+
+def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from pipeline.core.config import JobConfig
+    from pipeline.plan.settings import SettingDefaults
+    from pipeline.run.stages import ReadManifest
+
+    write_manifest(tmp_path / "m.parquet", prompt_rows(25), row_group_size=10)
+    plan = plan_manifest(str(tmp_path / "m.parquet"))
+    slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
+    config = JobConfig.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o")})
+    stage = ReadManifest(config, SettingDefaults(128, 128, 4, 0.0))
+    ids = [i for s in slices for i in stage(pa.Table.from_pylist([{**asdict(s), "skip": []}])).column("id").to_pylist()]
+    assert ids == plan.ids.to_pylist()

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pipeline.core.config import JobConfig
+from pipeline.run.builder import build_dataset
+
+
+class RecordedGraph:
+    """Stands in for a Ray dataset: records each stage's map_batches arguments."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, dict[str, Any]]] = []
+
+    def map_batches(self, fn: Any, **kwargs: Any) -> RecordedGraph:
+        self.stages.append((getattr(fn, "__name__", type(fn).__name__), kwargs))
+        return self
+
+
+@pytest.mark.parametrize("max_retries", [None, 0, 5])
+def test_every_stage_bounds_the_restarts_and_retries_of_its_dead_workers(
+    max_retries: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.data
+
+    graph = RecordedGraph()
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kwargs: graph)
+    resources: dict[str, Any] = {"actors": 2, "gpus_per_actor": 1}
+    if max_retries is not None:
+        resources["max_retries"] = max_retries
+    config = JobConfig.model_validate({"manifest": "m.parquet", "output": "out", "resources": resources})
+    build_dataset(config, [])
+
+    bound = 2 if max_retries is None else max_retries  # a small default: Ray Data's is unbounded (-1)
+    stages = dict(graph.stages)
+    assert list(stages) == ["ReadManifest", "GenerateImages", "EncodeImages", "WriteParts"]
+    assert stages["GenerateImages"]["max_restarts"] == bound and stages["GenerateImages"]["max_task_retries"] == bound
+    assert "max_retries" not in stages["GenerateImages"]  # an actor option Ray would reject
+    for task in ("ReadManifest", "EncodeImages", "WriteParts"):
+        assert stages[task]["max_retries"] == bound and "max_restarts" not in stages[task]

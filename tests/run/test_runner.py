@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.core.errors import ManifestError
+from pipeline.run.runner import user_error
+
+
+def test_user_errors_are_found_inside_ray_wrappers() -> None:
+    cause = ManifestError("bad row", file="m.parquet", row=3, column="prompt")
+
+    class RayTaskErrorLike(Exception):
+        def __init__(self) -> None:
+            super().__init__("task failed")
+            self.cause = cause
+
+    try:
+        try:
+            raise RayTaskErrorLike()
+        except RayTaskErrorLike as inner:
+            raise RuntimeError("dataset execution failed") from inner
+    except RuntimeError as outer:
+        assert user_error(outer) is cause
+    assert user_error(RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6379", "auto"])
+def test_embedded_ray_never_attaches_to_a_stale_cluster(address: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from pipeline.run import session
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(session, "_quiet_ray_data_console", lambda: None)
+    session.init_ray(address)
+    assert calls[0]["address"] == (address or "local")
+
+
+def test_read_slices_feed_every_actor_in_whole_batches() -> None:
+    from pipeline.core.config import JobConfig
+    from pipeline.run.runner import read_slice_rows
+
+    def config(actors: int, batch: int) -> JobConfig:
+        return JobConfig.model_validate(
+            {"manifest": "m", "output": "o", "resources": {"actors": actors}, "generation": {"batch_size": batch}}
+        )
+
+    assert read_slice_rows(1_000_000, config(8, 8)) == 256
+    assert read_slice_rows(24, config(1, 4)) == 24  # one actor: one slice
+    assert read_slice_rows(8, config(2, 2)) == 2  # two actors: each gets two slices
+    assert read_slice_rows(160, config(1, 4)) == 64
+    # 10,000 / (8 actors x 8) rounded up to whole parts (64 rows by default): no partial parts.
+    assert read_slice_rows(10_000, config(8, 16)) == 192
+    assert read_slice_rows(100, config(1, 1000)) == 1000
+
+
+def test_user_errors_are_found_in_the_text_of_a_failed_actor_constructor() -> None:
+    from pipeline.core.errors import ModelError
+
+    text = (
+        "The actor died because of an error raised in its creation task, ray::MapWorker.__init__()\n"
+        '  File "pipeline/models/weights.py", line 119, in resolve_folder\n'
+        "pipeline.core.errors.ModelError: 'x' is neither a local diffusers folder, an object-store URI, nor a hub id"
+    )
+    found = user_error(RuntimeError(text))
+    assert isinstance(found, ModelError) and str(found).startswith("'x' is neither a local diffusers folder")
