@@ -42,11 +42,14 @@ browser:
 		apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver; \
 	fi
 
+# Every test, on every core: the integration tests (Ray clusters, servers, CLI processes) run one
+# after another on one worker while the other workers take the rest (tests/conftest.py).
 test: venv browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadgroup
 
+# The fast lane: no pipeline loaded, no fuzzing, no processes (under 2 minutes).
 test-unit: venv
-	$(BIN)/pytest -q -m "not integration"
+	$(BIN)/pytest -q -m "not model and not fuzz and not integration"
 
 lint: venv
 	$(BIN)/ruff check .

@@ -80,6 +80,34 @@ def tiny_hub() -> Path:
     return _TINY_HUB
 
 
+# Lanes (pyproject.toml's markers; `make test-unit` runs the tests that are none of these).
+MODEL_FIXTURES = {"model_cache", "tiny_dir", "tiny_hub"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its lane from what it uses, so that no test file has to remember to:
+    `model` (builds or loads a pipeline), `fuzz` (hypothesis), `integration` (real Ray, S3
+    server, CLI processes); `gpu` tests are skipped without CUDA. Integration tests share one
+    xdist group: they start Ray clusters and servers, and run one after another on one worker
+    while the others take the rest."""
+    cuda: bool | None = None
+    for item in items:
+        function = getattr(item, "obj", None)
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.parent.name in ("models", "benchmarks"):
+            item.add_marker(pytest.mark.model)
+        if getattr(function, "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.fuzz)
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.xdist_group("integration"))
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Before anything imports huggingface_hub, which reads these once.
     os.environ["HF_HUB_CACHE"] = str(_TINY_HUB)

@@ -4,8 +4,6 @@ variants of folder UNets. The reference is the old path: a randomly initialised 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,7 +86,7 @@ def test_weights_do_not_share_memory_with_the_file(tiny_dir: Path, tmp_path: Pat
     assert all(torch.equal(tensor, before[name]) for name, tensor in unet.state_dict().items())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_streamed_straight_to_the_gpu(tiny_dir: Path, tmp_path: Path) -> None:
     config = _config(tiny_dir)
     path = _save(fp16_state(tiny_unet(tiny_dir, seed=5)), tmp_path / "unet.safetensors")
@@ -196,21 +194,3 @@ def test_folder_unets_take_the_fp16_variant_for_16_bit_models(
     expected = tiny_unet(tiny_dir, seed=seed).to(getattr(torch, dtype)).state_dict()
     loaded = generator.pipe.unet.state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.items())
-
-
-def test_load_time_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
-    """benchmarks/load_time.py's smoke test: a tiny checkpoint, the old path and the new loader, tabulated."""
-    out = tmp_path / "table.md"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "load_time.py"), "--size", "tiny", "--repeats", "1",
-         "--methods", "old,new-bfloat16-pread-cpu", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row[1].strip() for row in rows[1:]] == [
-        "read (pread): load_file, every tensor read into memory",
-        "old: from_config + load_state_dict + cast",
-        "new: load_unet_file (safetensors pread)",
-    ]
-    assert all(float(row[5]) > 0 for row in rows[1:])  # seconds measured
