@@ -59,7 +59,7 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     preset: str = Field(
         default="tiny",
-        description="Model preset (see `sdxl-batch models`): pins weights, scheduler and defaults.",
+        description="Model preset (see `sdxl-batch models`): pins weights, scheduler, defaults and limits.",
     )
     path: WeightsSource | None = Field(
         default=None,
@@ -93,7 +93,10 @@ class ModelConfig(_Section):
     )
     fp16_fix_vae: bool = Field(
         default=True,
-        description="In float16, use madebyollin/sdxl-vae-fp16-fix (SDXL's VAE overflows in fp16) unless `vae` is set.",
+        description=(
+            "In float16, use `madebyollin/sdxl-vae-fp16-fix` (SDXL's VAE overflows in fp16) unless `vae` is set "
+            "(the tiny preset keeps its own VAE)."
+        ),
     )
     variant: str | None = Field(
         default=None,
@@ -151,7 +154,9 @@ class ModelConfig(_Section):
     )
     cache_dir: str | None = Field(
         default=None,
-        description="Local per-node cache for object-store models (default: ~/.cache/sdxl-batch).",
+        description=(
+            "Local per-node cache for object-store weights and the tiny model (default: `~/.cache/sdxl-batch`)."
+        ),
     )
     allow_partial_lora: bool = Field(
         default=False,
@@ -180,9 +185,14 @@ class GenerationConfig(_Section):
     height: int | None = Field(
         default=None, ge=8, description="Default height (rows may override); preset default when unset."
     )
-    steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps; preset default when unset.")
+    steps: int | None = Field(
+        default=None, ge=1, le=1000, description="Denoising steps (rows may override); preset default when unset."
+    )
     guidance_scale: float | None = Field(
-        default=None, ge=0.0, le=50.0, description="Classifier-free guidance scale; preset default when unset."
+        default=None,
+        ge=0.0,
+        le=50.0,
+        description="Classifier-free guidance scale (rows may override); preset default when unset.",
     )
     image_format: ImageFormat = Field(default="png", description="Encoding of the written images.")
     image_quality: int = Field(default=95, ge=1, le=100, description="Quality for jpeg and webp.")
@@ -192,8 +202,8 @@ class WriteConfig(_Section):
     layout: Layout = Field(
         default="files",
         description=(
-            "`files`: images/<shard>/<id>.<ext>; `webdataset`: tar shards of <id>.<ext> + <id>.json "
-            "(fewer, larger objects on S3). Both write metadata/part-*.parquet."
+            "`files`: `images/<shard>/<id>.<ext>`; `webdataset`: tar shards of `<id>.<ext>` + `<id>.json` "
+            "(fewer, larger objects on S3). Both write `metadata/part-*.parquet`."
         ),
     )
     rows_per_part: int = Field(
@@ -305,14 +315,34 @@ class JobConfig(_Section):
         default="fail",
         description=(
             "A manifest row that breaks the contract: `fail` stops the job before any GPU work and "
-            "names the first bad rows; `skip` renders the rest and lists the bad rows in rejects/."
+            "names the first bad rows; `skip` renders the rest and lists the bad rows in `rejects/`."
         ),
     )
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    write: WriteConfig = Field(default_factory=WriteConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The model: its preset, weights and LoRAs, precision, and the speed switches of the GPU path.",
+    )
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description=(
+            "What the model calls render: batch size; default width, height, steps and guidance (a manifest row "
+            "may override each of these four); and how images are encoded."
+        ),
+    )
+    write: WriteConfig = Field(
+        default_factory=WriteConfig, description="How the output is laid out and committed, part by part."
+    )
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig,
+        description=(
+            "Where the generator actors run and how many, how often crashed workers are replaced, and the price "
+            "used for cost estimates."
+        ),
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="Object-store options; unset fields fall back to the standard AWS variables and profile.",
+    )
 
     @field_validator("manifest", "output")
     @classmethod

@@ -677,9 +677,13 @@ def test_crontab_runs_under_flock_so_runs_never_overlap() -> None:
 
 
 def test_every_file_the_readme_names_exists() -> None:
-    """The README's commands and text name files of infra/, configs/, docs/, benchmarks/ and jobs/."""
-    readme = (REPO / "README.md").read_text()
-    named = set(re.findall(r"(?<![\w/.-])((?:infra|configs|docs|benchmarks|jobs)/[\w./-]*\w)", readme))
-    assert len(named) > 15
-    missing = sorted(path for path in named if not (REPO / path).exists())
-    assert not missing, f"README names files that do not exist: {missing}"
+    """The README's and the docs pages' commands and text name files of infra/, configs/, docs/,
+    benchmarks/, jobs/, pipeline/ and tests/ by their path from the repository root."""
+    pattern = r"(?<![\w/.-])((?:infra|configs|docs|benchmarks|jobs|pipeline|tests)/[\w./-]*\w)"
+    missing, count = [], 0
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        named = set(re.findall(pattern, page.read_text(encoding="utf-8")))
+        count += len(named)
+        missing += [f"{page.relative_to(REPO)}: {path}" for path in sorted(named) if not (REPO / path).exists()]
+    assert count > 30
+    assert not missing, f"the README or docs/ name files that do not exist: {missing}"

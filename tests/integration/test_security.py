@@ -65,7 +65,7 @@ def _sha(text: str) -> str:
 
 def _lookalike_pair(stem: str) -> tuple[str, str]:
     """An unsafe id, and a readable id spelled like a sanitised name plus 16 hex digits of the
-    unsafe id's sha256, both in the same image shard (the README: first 2 hex digits of
+    unsafe id's sha256, both in the same image shard (docs/output.md: first 2 hex digits of
     sha256(id)). A naming scheme that keeps readable ids as they are must still not give the two
     the same file."""
     for i in range(100_000):
