@@ -1,0 +1,102 @@
+"""`run` renders a manifest; `validate` checks a job before it starts, `verify` an output after it ends."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli.common import add_job_arguments, load_job_config, ray_address, storage_config
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `run`, `validate` and `verify`."""
+    run = commands.add_parser(
+        "run",
+        help="render a manifest (embedded local Ray, or the cluster named by RAY_ADDRESS)",
+        description="Render every row of a manifest into the output prefix.",
+    )
+    add_job_arguments(run)
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the embedded Ray's Prometheus metrics on this port (clusters: ray start --metrics-export-port)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the output's previous results first (default: resume, skipping rows already done)",
+    )
+    run.set_defaults(handler=cmd_run)
+    validate = commands.add_parser(
+        "validate",
+        help="check a job's config and manifest, and show what it will do, without starting it",
+        description=(
+            "The checks `run` makes before any GPU work: config, preset limits, every manifest row, the output's "
+            "state. Exit status 0: the job can start; 1: bad rows would stop it (on_bad_row: fail); 2: a "
+            "structural problem (unreadable manifest, missing column, unknown key, bad credentials...)."
+        ),
+    )
+    add_job_arguments(validate)
+    validate.add_argument(
+        "--overwrite", action="store_true", help="plan as `run --overwrite` would (ignore the output's results)"
+    )
+    validate.set_defaults(handler=cmd_validate)
+    verify = commands.add_parser(
+        "verify",
+        help="check an output: every row exactly once, images present with matching sha256",
+        description="Exit status 0 when the output is complete and consistent, 1 when it is not.",
+    )
+    verify.add_argument("output", help="output prefix to check (local or s3://)")
+    verify.add_argument("--manifest", help="also check that exactly the manifest's ids are present")
+    verify.add_argument("--config", help="a job config, for its storage options")
+    verify.set_defaults(handler=cmd_verify)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run.runner import run_job
+
+    config = load_job_config(args)
+    result = run_job(
+        config,
+        ray_address=ray_address(),
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        metrics_port=args.metrics_port,
+    )
+    rejected = result.stats["rows_rejected"]
+    if rejected:
+        print(f"Skipped {rejected} bad rows (on_bad_row: skip): see {result.output.rstrip('/')}/rejects/")
+    done_before = result.stats["rows_done_before"]
+    if done_before:
+        print(f"Resumed: {done_before} of {result.stats['manifest_rows']} rows were already done and were skipped")
+    print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
+    for name, location in result.locations().items():
+        print(f"  {name:<9}{location}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.plan.job import SHOWN_PROBLEMS, plan_job
+
+    job = plan_job(load_job_config(args), overwrite=args.overwrite)
+    print("\n".join(job.summary_lines()))
+    manifest = job.manifest
+    if manifest.problem_count:
+        shown = min(SHOWN_PROBLEMS, manifest.problem_count)
+        print(f"\nbad rows (first {shown}; row numbers count from 0 in each file):")
+        for line in manifest.problem_lines(SHOWN_PROBLEMS):
+            print(f"  {line}")
+        if job.config.on_bad_row == "fail":
+            print("\nNOT READY: fix these rows, or set on_bad_row: skip to render the others (listed in rejects/)")
+            return 1
+    print("\nOK: the job can start")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.output.verify import verify_output
+
+    report = verify_output(args.output, manifest=args.manifest, storage=storage_config(args))
+    print(report.summary())
+    return 0 if report.ok else 1
