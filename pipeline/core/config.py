@@ -411,7 +411,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key (check the spelling; see configs/demo.yaml for every key)")
+            lines.append(f"  {where}: unknown key (check the spelling; docs/configuration.md lists every key)")
         elif err["type"] == "missing":
             lines.append(f"  {where}: required but missing")
         elif _is_secret(err["loc"]):
