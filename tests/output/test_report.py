@@ -7,7 +7,12 @@ import base64
 import hashlib
 import io
 import json
+import shutil
+import subprocess
+import sys
 import time
+import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -255,6 +260,37 @@ def test_stage_breakdown_in_pipeline_order() -> None:
         ("Text encode", 0.5), ("Denoise (UNet)", 3.0), ("VAE decode", 1.0), ("Other generation", 0.5),
         ("Image encoding", 0.2), ("Upload", 0.1),
     ]  # fmt: skip
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "pipeline" / "output" / "report" / "templates"
+
+
+def test_the_template_is_package_data() -> None:
+    """The page's template is found through the package (importlib.resources, as jinja2's
+    PackageLoader finds it), and pyproject.toml ships every template file in the wheel."""
+    from importlib.resources import files
+
+    from pipeline.output.report.page import TEMPLATE, environment
+
+    assert files("pipeline.output.report").joinpath("templates", TEMPLATE).is_file()
+    assert environment().autoescape is True
+    assert environment().get_template(TEMPLATE).name == TEMPLATE  # found, loaded and compiled
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p for pattern in globs["pipeline.output.report"] for p in TEMPLATES.parent.glob(pattern)}
+    assert shipped == set(TEMPLATES.iterdir()) and shipped
+
+
+@pytest.mark.integration
+def test_the_wheel_holds_the_template(tmp_path: Path) -> None:
+    """A non-editable wheel, built from a copy of the sources, carries the template."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist", "."]
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "pipeline/output/report/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
 
 
 @pytest.mark.integration
