@@ -6,7 +6,6 @@ missing ones, so a wiring mistake is obvious.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.core.errors import SdxlBatchError
 from pipeline.models.presets import get_preset
-from pipeline.output.stats import job_label
+from pipeline.output.stats import Call, PartStats, job_label
 from pipeline.output.writer import TELEMETRY, ModelInfo, PartWriter
 from pipeline.plan.manifest import Fragment, read_fragment, rules_for
 from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
@@ -107,7 +106,7 @@ class GenerateImages:
         prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
         retries_before = self.generator.oom_retries
         phases_before = dict(self.generator.stage_seconds)
-        calls: list[list[float]] = []
+        calls: list[Call] = []
         started = time.time()
         pixels = PixelColumn([(s.height, s.width) for s, (lo, hi) in groups for _ in range(lo, hi)], self.generator)
         for settings, (lo, hi) in groups:
@@ -116,7 +115,7 @@ class GenerateImages:
                 prompts[lo:hi], negatives[lo:hi], seeds[lo:hi], settings, out=pixels.rows(lo, hi, settings)
             )
             elapsed = time.perf_counter() - start
-            calls.append([hi - lo, elapsed, time.time()])  # images, seconds, when it ended
+            calls.append((hi - lo, elapsed, time.time()))  # images, seconds, when it ended
             seconds[lo:hi] = [elapsed / (hi - lo)] * (hi - lo)
             call_sizes[lo:hi] = sizes
         prompt_tokens, limit = self.generator.token_counts(prompts)
@@ -132,7 +131,8 @@ class GenerateImages:
             "node": pa.array([self.node] * n, pa.string()),
             "actor": pa.array([self.actor] * n, pa.string()),
             TELEMETRY: pa.array(
-                [self._telemetry(n, started, retries_before, phases_before, calls)] + [None] * (n - 1), pa.string()
+                [self._telemetry(n, started, retries_before, phases_before, calls).to_json()] + [None] * (n - 1),
+                pa.string(),
             ),
         }
         for name, column in columns.items():
@@ -140,9 +140,9 @@ class GenerateImages:
         return batch
 
     def _telemetry(
-        self, rows: int, started: float, retries_before: int, phases_before: dict[str, float], calls: list[list[float]]
-    ) -> str:
-        """This batch's measurements, counted once (JSON on its first row): where it ran,
+        self, rows: int, started: float, retries_before: int, phases_before: dict[str, float], calls: list[Call]
+    ) -> PartStats:
+        """This batch's stats record, counted once (as JSON on its first row): where it ran,
         out-of-memory retries, seconds per phase (text encoding, denoising, VAE decoding, copy to
         host), (images, seconds, end time) per model call, GPU utilisation and memory. The same
         figures go to Ray's metrics."""
@@ -155,19 +155,19 @@ class GenerateImages:
         self.metrics.batch(images=rows, calls=[c[1] for c in calls], stages=phases, oom_retries=retries)
         if on_gpu:
             self.metrics.gpu(gpu=self.gpu, utilization=utilization, memory_peak_bytes=memory_mb * 2**20)
-        return json.dumps({
-            "actor": self.actor,
-            "node": self.node,
-            "gpu": self.gpu,
-            "device": generator.device,
-            "rows": rows,
-            "oom_retries": retries,
-            "stage_seconds": phases,
-            "calls": calls,
-            "gpu_utilization": utilization,
-            "gpu_memory_peak_mb": memory_mb if on_gpu else None,
-            "lora_layers_unmatched": generator.lora_layers_unmatched,
-        })  # fmt: skip
+        return PartStats.of_batch(
+            actor=self.actor,
+            node=self.node,
+            gpu=self.gpu,
+            device=generator.device,
+            rows=rows,
+            calls=calls,
+            oom_retries=retries,
+            stage_seconds=phases,
+            utilization=utilization,
+            gpu_memory_peak_mb=memory_mb if on_gpu else None,
+            lora_layers_unmatched=generator.lora_layers_unmatched,
+        )
 
 
 def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
@@ -277,8 +277,6 @@ class WriteParts:
         record = self.writer.write(batch)
         if self.metrics is None:
             self.metrics = JobMetrics(job=self.job, model=self.model_name)
-        self.metrics.committed(
-            record["rows"], stages={"encode": record["encode_seconds"], "upload": record["upload_seconds"]}
-        )
+        self.metrics.committed(record.rows, stages={"encode": record.encode_seconds, "upload": record.upload_seconds})
         # One row per part for the driver: its row count (progress) and its stats record.
-        return pa.table({"rows": [record["rows"]], "record": [json.dumps(record)]})
+        return pa.table({"rows": [record.rows], "record": [record.to_json()]})

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.core.errors import SdxlBatchError, StorageError
 from pipeline.core.io import filesystem, join, write_bytes
 from pipeline.output.report import stage_breakdown, throughput_series, write_report
-from pipeline.output.stats import JobStats
+from pipeline.output.stats import JobStats, PartStats
 from pipeline.output.writer import ModelInfo, PartWriter
 
 SECTIONS = ["Summary", "Throughput over time", "Per actor", "Stage breakdown", "Sample images"]
@@ -44,12 +44,12 @@ def _batch(ids: list[str], prompts: list[str], *, actor: str, started: float, bi
     four rows, the batch's telemetry JSON on its first row."""
     n = len(ids)
     images = [_png(i, (600, 400) if big and i == 0 else (48, 32)) for i in range(n)]
-    calls = [[len(ids[k : k + 4]), 0.5, started + 0.5 * (k // 4 + 1)] for k in range(0, n, 4)]
-    telemetry = {
-        "actor": actor, "node": "node-aaaaaaaaaaaa", "gpu": "", "device": "cpu", "rows": n, "oom_retries": 0,
-        "stage_seconds": {"text_encode": 0.1, "denoise": 0.6, "vae_decode": 0.25, "to_host": 0.01},
-        "calls": calls, "gpu_utilization": None, "gpu_memory_peak_mb": None,
-    }  # fmt: skip
+    calls = [(len(ids[k : k + 4]), 0.5, started + 0.5 * (k // 4 + 1)) for k in range(0, n, 4)]
+    telemetry = PartStats.of_batch(
+        actor=actor, node="node-aaaaaaaaaaaa", gpu="", device="cpu", rows=n, oom_retries=0,
+        stage_seconds={"text_encode": 0.1, "denoise": 0.6, "vae_decode": 0.25, "to_host": 0.01},
+        calls=calls, utilization=None, gpu_memory_peak_mb=None,
+    )  # fmt: skip
     return pa.table({
         "id": ids,
         "prompt": prompts,
@@ -67,7 +67,7 @@ def _batch(ids: list[str], prompts: list[str], *, actor: str, started: float, bi
         "peak_memory_mb": [512.0] * n,
         "node": ["node-aaaaaaaaaaaa"] * n,
         "actor": [actor] * n,
-        "telemetry": pa.array([json.dumps(telemetry)] + [None] * (n - 1), pa.string()),
+        "telemetry": pa.array([telemetry.to_json()] + [None] * (n - 1), pa.string()),
     })  # fmt: skip
 
 
@@ -242,20 +242,21 @@ def test_a_damaged_metadata_part_is_a_storage_error(tmp_path: Path) -> None:
 
 def test_throughput_series_counts_every_image_once() -> None:
     # Two actors: calls of 4 images, 1 s each; the second actor starts 0.5 s later.
-    parts = [{"calls": [[4, 1.0, 101.0], [4, 1.0, 102.0]]}, {"calls": [[4, 1.0, 101.5], [2, 1.0, 102.5]]}]
-    series = throughput_series(parts)
+    records = [{"calls": [[4, 1.0, 101.0], [4, 1.0, 102.0]]}, {"calls": [[4, 1.0, 101.5], [2, 1.0, 102.5]]}]
+    series = throughput_series([PartStats.from_dict(record) for record in records])
     assert series is not None
     assert series.finished_at.tolist() == [1.0, 1.5, 2.0, 2.5]
     assert series.cumulative.tolist() == [4, 8, 12, 14]
     widths = np.diff(series.bin_edges)
     assert float((series.images_per_second * widths).sum()) == pytest.approx(14)
     assert float(series.images_per_second.max()) == pytest.approx(8.0)  # both actors at 4 images/s
-    assert throughput_series([{"calls": []}]) is None
+    assert throughput_series([PartStats.from_dict({"calls": []})]) is None
 
 
 def test_stage_breakdown_in_pipeline_order() -> None:
-    parts = [{"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
-              "encode_seconds": 0.2, "upload_seconds": 0.1}]  # fmt: skip
+    record = {"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
+              "encode_seconds": 0.2, "upload_seconds": 0.1}  # fmt: skip
+    parts = [PartStats.from_dict(record)]
     assert stage_breakdown(parts) == [
         ("Text encode", 0.5), ("Denoise (UNet)", 3.0), ("VAE decode", 1.0), ("Other generation", 0.5),
         ("Image encoding", 0.2), ("Upload", 0.1),

@@ -1,41 +1,23 @@
-"""The report's figures, from the per-part stats records of every run."""
+"""The report's figures, from the per-part stats records of every run.
+
+The records are added up by `PartStats` and summarised by `JobStats`, as the driver does for
+`stats.json`, so the page shows the same busy fraction, utilisation and percentiles; only the
+throughput over time needs each model call.
+"""
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.output.stats import PERCENTILES
+from pipeline.output.stats import JobStats, PartStats, WorkerStats
 
 # Generator phases, in pipeline order, with the names the report shows.
 PHASES = {"text_encode": "Text encode", "denoise": "Denoise (UNet)", "vae_decode": "VAE decode", "to_host": "To host"}
-
-
-@dataclass(frozen=True)
-class ActorSummary:
-    """One generator actor over every part: what the per-actor chart and table show."""
-
-    actor: str
-    node: str
-    gpu: str
-    rows: int
-    calls: int
-    busy_seconds: float
-    span_seconds: float
-    gpu_utilization_percent: float | None
-    gpu_memory_peak_mb: float | None
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rows / self.span_seconds if self.span_seconds > 0 else 0.0
-
-    @property
-    def busy_fraction(self) -> float | None:
-        return min(1.0, self.busy_seconds / self.span_seconds) if self.span_seconds > 0 else None
+# The figures a summary leaves out where the parts recorded no model call (older versions).
+UNTIMED = ("wall_seconds", "images_per_second", "generation_images_per_second")
 
 
 @dataclass(frozen=True)
@@ -52,13 +34,12 @@ class ThroughputSeries:
         return float(self.bin_edges[-1] - self.bin_edges[0]) if len(self.bin_edges) else 0.0
 
 
-def call_table(parts: list[dict[str, Any]]) -> np.ndarray:
+def call_table(parts: list[PartStats]) -> np.ndarray:
     """Every model call of every part as rows of (images, seconds, end epoch)."""
-    calls = [call[:3] for part in parts for call in part.get("calls") or [] if len(call) >= 3]
-    return np.asarray(calls, dtype=np.float64).reshape(-1, 3)
+    return np.asarray([call for part in parts for call in part.calls], dtype=np.float64).reshape(-1, 3)
 
 
-def throughput_series(parts: list[dict[str, Any]], *, max_bins: int = 80) -> ThroughputSeries | None:
+def throughput_series(parts: list[PartStats], *, max_bins: int = 80) -> ThroughputSeries | None:
     """Cumulative images at each call's end, and images/s in time bins. A call's images are
     spread over its duration, so bins shorter than a call show the rate, not batch-end spikes."""
     calls = call_table(parts)
@@ -85,94 +66,41 @@ def throughput_series(parts: list[dict[str, Any]], *, max_bins: int = 80) -> Thr
     )
 
 
-def actor_summaries(parts: list[dict[str, Any]]) -> list[ActorSummary]:
-    """Each generator actor over every part (from its first call's start to its last call's end)."""
-    merged: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"node": "", "gpu": "", "rows": 0, "calls": 0, "busy": 0.0, "start": math.inf, "end": -math.inf,
-                 "util_seconds": 0.0, "util_sum": 0.0, "peak": None}
-    )  # fmt: skip
-    for part in parts:
-        for actor, worker in (part.get("workers") or {}).items():
-            m = merged[actor]
-            m["node"], m["gpu"] = str(worker.get("node") or m["node"]), str(worker.get("gpu") or m["gpu"])
-            m["rows"] += int(worker.get("rows", 0))
-            m["calls"] += int(worker.get("calls", 0))
-            m["busy"] += float(worker.get("busy_seconds", 0.0))
-            m["start"] = min(m["start"], float(worker.get("first_start", math.inf)))
-            m["end"] = max(m["end"], float(worker.get("last_end", -math.inf)))
-            m["util_seconds"] += float(worker.get("utilization_seconds") or 0.0)
-            m["util_sum"] += float(worker.get("utilization_sum") or 0.0)
-            if worker.get("gpu_memory_peak_mb") is not None:
-                m["peak"] = max(m["peak"] or 0.0, float(worker["gpu_memory_peak_mb"]))
-    summaries = [
-        ActorSummary(
-            actor=actor,
-            node=m["node"],
-            gpu=m["gpu"],
-            rows=m["rows"],
-            calls=m["calls"],
-            busy_seconds=m["busy"],
-            span_seconds=m["end"] - m["start"] if m["end"] > m["start"] else 0.0,
-            gpu_utilization_percent=m["util_sum"] / m["util_seconds"] if m["util_seconds"] else None,
-            gpu_memory_peak_mb=m["peak"],
-        )
-        for actor, m in merged.items()
-    ]
-    return sorted(summaries, key=lambda a: (a.node, a.actor))
+def actor_summaries(total: PartStats) -> list[tuple[str, WorkerStats]]:
+    """Each generator actor over every part (from its first call's start to its last call's end),
+    by node, then actor."""
+    return sorted(total.workers.items(), key=lambda item: (item[1].node, item[0]))
 
 
-def stage_breakdown(parts: list[dict[str, Any]]) -> list[tuple[str, float]]:
+def stage_breakdown(parts: list[PartStats]) -> list[tuple[str, float]]:
     """Busy seconds per stage, summed over every part and actor, in pipeline order."""
-    phases: dict[str, float] = defaultdict(float)
-    for part in parts:
-        for phase, seconds in (part.get("stage_seconds") or {}).items():
-            phases[phase] += float(seconds)
-    generate = sum(float(p.get("generation_seconds", 0.0)) for p in parts)
+    total = PartStats.total(parts)
+    phases = dict(total.stage_seconds)
     stages = [(PHASES[p], phases.pop(p)) for p in PHASES if p in phases]
     stages += [(p.replace("_", " ").capitalize(), s) for p, s in sorted(phases.items())]
-    other = generate - sum(s for _, s in stages)
-    if other > 0.01 * max(generate, 1e-9):  # time in the generator outside the timed phases
+    other = total.generation_seconds - sum(s for _, s in stages)
+    if other > 0.01 * max(total.generation_seconds, 1e-9):  # time in the generator outside the timed phases
         stages.append(("Other generation", other))
-    stages.append(("Image encoding", sum(float(p.get("encode_seconds", 0.0)) for p in parts)))
-    stages.append(("Upload", sum(float(p.get("upload_seconds", 0.0)) for p in parts)))
+    stages.append(("Image encoding", total.encode_seconds))
+    stages.append(("Upload", total.upload_seconds))
     return stages
 
 
-def summarise_parts(parts: list[dict[str, Any]], job: dict[str, Any] | None) -> dict[str, Any]:
+def summarise_parts(parts: list[PartStats], job: dict[str, Any] | None) -> dict[str, Any]:
     """The figures of `stats.json` rebuilt from the part records, for an output without one
     (a run that was interrupted): wall time runs from the first model call to the last commit."""
-    calls = call_table(parts)
-    rows = sum(int(p.get("rows", 0)) for p in parts)
-    generation = sum(float(p.get("generation_seconds", 0.0)) for p in parts)
-    actors = actor_summaries(parts)
-    summary: dict[str, Any] = {
-        "rows": rows,
-        "parts": len(parts),
-        "bytes": sum(int(p.get("bytes", 0)) for p in parts),
-        "model_calls": len(calls),
-        "seconds_per_image": generation / rows if rows else 0.0,
-        "peak_memory_mb": max((float(p.get("peak_memory_mb", 0.0)) for p in parts), default=0.0),
-        "oom_retries": sum(int(p.get("oom_retries", 0)) for p in parts),
-        "prompts_truncated": sum(int(p.get("prompts_truncated", 0)) for p in parts),
-    }
-    if len(calls):
-        start, end = float((calls[:, 2] - calls[:, 1]).min()), float(calls[:, 2].max())
-        committed = max((float(p.get("committed_at", end)) for p in parts), default=end)
-        summary["wall_seconds"] = max(committed, end) - start
-        summary["images_per_second"] = rows / summary["wall_seconds"] if summary["wall_seconds"] > 0 else 0.0
-        summary["generation_images_per_second"] = rows / (end - start) if end > start else 0.0
-        values = np.percentile(calls[:, 1], PERCENTILES)
-        summary["batch_latency_seconds"] = {f"p{p}": float(v) for p, v in zip(PERCENTILES, values, strict=True)}
-    spans = sum(a.span_seconds for a in actors)
-    summary["busy_fraction"] = min(1.0, sum(a.busy_seconds for a in actors) / spans) if spans > 0 else None
-    peaks = [a.gpu_memory_peak_mb for a in actors if a.gpu_memory_peak_mb is not None]
-    summary["peak_gpu_memory_mb"] = max(peaks) if peaks else None
-    utilized = [(a.gpu_utilization_percent, a.busy_seconds) for a in actors if a.gpu_utilization_percent is not None]
-    weight = sum(w for _, w in utilized)
-    summary["gpu_utilization_percent"] = sum(u * w for u, w in utilized) / weight if weight else None
     config = (job or {}).get("config") or {}
-    summary["manifest_rows"] = (job or {}).get("manifest_rows")
-    summary["batch_size"] = (config.get("generation") or {}).get("batch_size")
-    summary["actors"] = (config.get("resources") or {}).get("actors")
-    summary["layout"] = (config.get("write") or {}).get("layout")
-    return summary
+    extra = {
+        "manifest_rows": (job or {}).get("manifest_rows"),
+        "batch_size": (config.get("generation") or {}).get("batch_size"),
+        "actors": (config.get("resources") or {}).get("actors"),
+        "layout": (config.get("write") or {}).get("layout"),
+    }
+    stats = JobStats.of_parts(parts)
+    calls = call_table(parts)
+    if not len(calls):  # no model call recorded: no time, nothing per second
+        summary = stats.to_dict(wall_seconds=0.0, manifest_rows=0, extra=extra)
+        return {key: value for key, value in summary.items() if key not in UNTIMED}
+    start, end = float((calls[:, 2] - calls[:, 1]).min()), float(calls[:, 2].max())
+    committed = max((end if p.committed_at is None else p.committed_at for p in parts), default=end)
+    return stats.to_dict(wall_seconds=max(committed, end) - start, manifest_rows=0, extra=extra)

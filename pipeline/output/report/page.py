@@ -11,14 +11,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.layout import STATS_DIR, STATS_FILE
-from pipeline.output.report.figures import (
-    actor_summaries,
-    call_table,
-    stage_breakdown,
-    summarise_parts,
-    throughput_series,
-)
+from pipeline.output.report.figures import actor_summaries, stage_breakdown, summarise_parts, throughput_series
 from pipeline.output.report.plots import MAX_ACTORS_PLOTTED, plot_actors, plot_stages, plot_throughput
+from pipeline.output.stats import PartStats
 
 if TYPE_CHECKING:
     from jinja2 import Environment
@@ -196,10 +191,11 @@ def render_report(contents: OutputContents) -> str:
     shown = dict(item for _, items in groups for item in items)
     labels = {key: label for _, label, key, _ in SUMMARY_FIELDS}
     series = throughput_series(contents.parts)
-    actors = actor_summaries(contents.parts)
+    total = PartStats.total(contents.parts)
+    actors = actor_summaries(total)
     stages = stage_breakdown(contents.parts) if contents.parts else []
     stage_total = sum(seconds for _, seconds in stages) or 1.0
-    rows = max(sum(int(p.get("rows", 0)) for p in contents.parts), 1)
+    rows = max(total.rows, 1)
     return (
         environment()
         .get_template(TEMPLATE)
@@ -210,7 +206,7 @@ def render_report(contents: OutputContents) -> str:
             tiles=[(shown[labels[key]], caption) for key, caption in HEADLINE if labels[key] in shown],
             groups=groups,
             throughput=Markup(plot_throughput(series)) if series is not None else None,
-            calls=len(call_table(contents.parts)),
+            calls=len(total.calls),
             actors=actors,
             actors_plot=Markup(plot_actors(actors)) if actors else None,
             actors_hidden=max(0, len(actors) - MAX_ACTORS_PLOTTED),

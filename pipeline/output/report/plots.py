@@ -13,7 +13,8 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from pipeline.output.report.figures import ActorSummary, ThroughputSeries
+    from pipeline.output.report.figures import ThroughputSeries
+    from pipeline.output.stats import WorkerStats
 
 MAX_ACTORS_PLOTTED = 48
 BLUE, ORANGE, GREY, INK = "#2563eb", "#f59e0b", "#94a3b8", "#1e293b"
@@ -24,9 +25,9 @@ def _short(text: str, n: int) -> str:
     return re.sub(r"[^A-Za-z0-9._:-]", "_", text)[:n] or "?"
 
 
-def actor_label(actor: ActorSummary) -> str:
-    gpu = f" gpu {_short(actor.gpu, 4)}" if actor.gpu else ""
-    return f"{_short(actor.actor, 8)} @ {_short(actor.node, 8)}{gpu}"
+def actor_label(actor: str, worker: WorkerStats) -> str:
+    gpu = f" gpu {_short(worker.gpu, 4)}" if worker.gpu else ""
+    return f"{_short(actor, 8)} @ {_short(worker.node, 8)}{gpu}"
 
 
 @contextmanager
@@ -109,18 +110,18 @@ def plot_throughput(series: ThroughputSeries) -> str:
         return _svg(figure)
 
 
-def plot_actors(actors: list[ActorSummary]) -> str:
+def plot_actors(actors: list[tuple[str, WorkerStats]]) -> str:
     from matplotlib.figure import Figure
 
-    shown = sorted(actors, key=lambda a: -a.rows)[:MAX_ACTORS_PLOTTED]
-    shown.sort(key=lambda a: (a.node, a.actor), reverse=True)  # barh draws bottom-up: first actor on top
-    labels = [actor_label(a) for a in shown]
+    shown = sorted(actors, key=lambda item: -item[1].rows)[:MAX_ACTORS_PLOTTED]
+    shown.sort(key=lambda item: (item[1].node, item[0]), reverse=True)  # barh draws bottom-up: first actor on top
+    labels = [actor_label(actor, worker) for actor, worker in shown]
     with _plot_style("actors"):
         figure = Figure(figsize=(11, 0.9 + 0.3 * len(shown)), layout="constrained")
         rows, rate = figure.subplots(1, 2, sharey=True)
-        rows.barh(labels, [a.rows for a in shown], color=BLUE, height=0.6)
+        rows.barh(labels, [worker.rows for _, worker in shown], color=BLUE, height=0.6)
         rows.set(title="Rows rendered", xlabel="rows")
-        rate.barh(labels, [a.images_per_second for a in shown], color=ORANGE, height=0.6)
+        rate.barh(labels, [worker.images_per_second for _, worker in shown], color=ORANGE, height=0.6)
         rate.set(title="Images per second (first call start to last call end)", xlabel="images/s")
         for axis in (rows, rate):
             axis.grid(axis="y", visible=False)

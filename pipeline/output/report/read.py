@@ -30,6 +30,7 @@ from pipeline.core.layout import (
     part_stats_paths,
     read_json,
 )
+from pipeline.output.stats import PartStats
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -46,7 +47,7 @@ class OutputContents:
 
     output: str
     stats: dict[str, Any] | None  # stats.json: the last run
-    parts: list[dict[str, Any]]  # stats/part-*.json: every committed part of every run
+    parts: list[PartStats]  # stats/part-*.json: every committed part of every run
     job: dict[str, Any] | None
     metadata_rows: int
     metadata_parts: int
@@ -89,7 +90,7 @@ def _read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int
     return contents
 
 
-def _read_part_records(fs: AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+def _read_part_records(fs: AbstractFileSystem, root: str) -> list[PartStats]:
     paths = part_stats_paths(fs, root)
     if not paths:
         return []
@@ -103,7 +104,7 @@ def _read_part_records(fs: AbstractFileSystem, root: str) -> list[dict[str, Any]
             logger.warning("ignoring the stats record %s: %s", path, error)
             continue
         if isinstance(record, dict):
-            records.append(record)
+            records.append(PartStats.from_dict(record))
     return records
 
 
