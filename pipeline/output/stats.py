@@ -19,7 +19,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 PERCENTILES = (50, 90, 99)
@@ -141,21 +141,7 @@ class WorkerStats:
         return self.utilization_sum / self.utilization_seconds if self.utilization_seconds else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "node": self.node,
-            "gpu": self.gpu,
-            "device": self.device,
-            "rows": self.rows,
-            "calls": self.calls,
-            "busy_seconds": self.busy_seconds,
-            "first_start": self.first_start,
-            "last_end": self.last_end,
-            "first_end": self.first_end,
-            "first_rows": self.first_rows,
-            "utilization_seconds": self.utilization_seconds,
-            "utilization_sum": self.utilization_sum,
-            "gpu_memory_peak_mb": self.gpu_memory_peak_mb,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerStats:
@@ -276,26 +262,11 @@ class PartStats:
         return total
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "part": self.part,
-            "rows": self.rows,
-            "bytes": self.bytes,
-            "generation_seconds": self.generation_seconds,
-            "encode_seconds": self.encode_seconds,
-            "peak_memory_mb": self.peak_memory_mb,
-            "prompts_truncated": self.prompts_truncated,
-            "negative_prompts_truncated": self.negative_prompts_truncated,
-            "min_render_batch_size": self.min_render_batch_size,
-            "actors": dict(self.actors),
-            "nodes": dict(self.nodes),
-            "oom_retries": self.oom_retries,
-            "lora_layers_unmatched": self.lora_layers_unmatched,
-            "stage_seconds": dict(self.stage_seconds),
-            "calls": [list(call) for call in self.calls],
-            "workers": {actor: worker.to_dict() for actor, worker in self.workers.items()},
-            "committed_at": self.committed_at,
-            "upload_seconds": self.upload_seconds,
-        }
+        """The JSON record: the fields, in order."""
+        record = asdict(self)
+        record["actors"], record["nodes"] = dict(self.actors), dict(self.nodes)
+        record["calls"] = [list(call) for call in self.calls]
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartStats:
