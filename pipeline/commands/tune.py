@@ -1,10 +1,10 @@
 """`sdxl-batch tune` and `sdxl-batch estimate`: measured throughput, time and cost.
 
 Both measure by running the real job (`run_job`, the same graph, actors and writer) on a sample
-of the manifest in a scratch output, and read the figures from its `stats.json`. Throughput is
-the *steady* rate: each actor's images/s after its first model call (which pays CUDA warm-up and
-torch.compile), summed over the actors. Model loading and Ray start-up are reported separately
-as the start-up time.
+of the manifest in a scratch output, and read the figures of its `stats.json` from the run's
+`JobStats`. Throughput is the *steady* rate: each actor's images/s after its first model call
+(which pays CUDA warm-up and torch.compile), summed over the actors. Model loading and Ray
+start-up are reported separately as the start-up time.
 
 A trial uses one GPU (or this one machine on CPU), so its images/s are per GPU; the written
 config scales the actor count to the job's GPUs (`resources.actors * resources.gpus_per_actor`).
@@ -32,7 +32,7 @@ from pipeline.core.errors import ConfigError, ModelError, SdxlBatchError
 from pipeline.plan.job import JobPlan, human_duration, plan_job
 from pipeline.plan.ledger import settings_fingerprint
 from pipeline.plan.manifest import read_fragment, rules_for
-from pipeline.run.runner import resolve_resources, run_job
+from pipeline.run.runner import JobResult, resolve_resources, run_job
 from pipeline.run.session import init_ray
 
 if TYPE_CHECKING:
@@ -185,12 +185,13 @@ def cost_per_1000(images_per_second: float, price: float | None) -> float | None
     return price * 1000 / (images_per_second * 3600)
 
 
-def measure(stats: dict[str, Any]) -> tuple[float, float, float]:
-    """(steady images/s, start-up seconds, peak memory MB) from a run's stats.json."""
-    rate = float(stats.get("steady_images_per_second") or stats.get("generation_images_per_second") or 0.0)
-    startup = max(0.0, float(stats["wall_seconds"]) - float(stats.get("generation_span_seconds") or 0.0))
-    memory = stats.get("peak_gpu_memory_mb") or stats.get("peak_memory_mb") or 0.0
-    return rate, startup, float(memory)
+def measure(result: JobResult) -> tuple[float, float, float]:
+    """(steady images/s, start-up seconds, peak memory MB) of a run, as its stats.json has them."""
+    stats = result.job_stats
+    rate = stats.steady_images_per_second() or stats.generation_images_per_second()
+    startup = max(0.0, round(result.wall_seconds, 3) - stats.generation_span_seconds())
+    memory = stats.peak_gpu_memory_mb() or stats.peak_memory_mb()
+    return rate, startup, memory
 
 
 def sample_manifest(job: JobPlan, rows: int, path: Path) -> int:
@@ -254,13 +255,13 @@ def run_trial(
         reason = "out of memory" if _is_oom(error) else f"failed: {str(error).splitlines()[0][:160]}"
         logger.warning("trial %s: %s", trial.name, reason)
         return TrialResult(trial, reason)
-    stats = result.stats
-    rate, startup, memory = measure(stats)
-    retries = int(stats.get("oom_retries") or 0)
+    totals = result.job_stats.totals
+    rate, startup, memory = measure(result)
+    retries = totals.oom_retries
     status = "ok"
     if retries:
         # The batches were split to fit: this batch size does not run as asked.
-        status = f"out of memory (split to {stats.get('min_render_batch_size')})"
+        status = f"out of memory (split to {totals.min_render_batch_size})"
     return TrialResult(
         trial,
         status,
@@ -268,7 +269,7 @@ def run_trial(
         seconds_per_image=1 / rate if rate else 0.0,
         peak_memory_mb=memory,
         startup_seconds=startup,
-        rows=int(stats["rows"]),
+        rows=totals.rows,
         oom_retries=retries,
         cost_per_1000=cost_per_1000(rate, price),
     )
@@ -513,8 +514,8 @@ def run_estimate(
     calibration = config.model_copy(
         update={"manifest": str(sample_path), "output": str(folder / "calibration"), "on_bad_row": "skip"}
     )
-    stats = run_job(calibration, ray_address=ray_address, progress=progress, overwrite=True).stats
-    rate, startup, _ = measure(stats)
+    result = run_job(calibration, ray_address=ray_address, progress=progress, overwrite=True)
+    rate, startup, _ = measure(result)
     return Estimate(
         rows=job.pending_rows,
         images_per_second=rate,
@@ -522,5 +523,5 @@ def run_estimate(
         gpus=job_gpus(config),
         device="gpu" if on_gpu(config) else "cpu",
         price=price,
-        source=f"calibration run of {stats['rows']} rows with the job's settings",
+        source=f"calibration run of {result.rows} rows with the job's settings",
     )

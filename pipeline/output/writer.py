@@ -34,7 +34,7 @@ from pipeline.core.layout import (
     safe_name,
     shard_relpath,
 )
-from pipeline.output.stats import merge_telemetry
+from pipeline.output.stats import PartStats, merge_telemetry
 
 # Leading metadata columns, in order; pass-through manifest columns follow.
 METADATA_COLUMNS = (
@@ -43,7 +43,7 @@ METADATA_COLUMNS = (
     "prompt_tokens", "prompt_truncated", "negative_prompt_truncated", "render_batch_size",
     "generation_seconds", "encode_seconds", "peak_memory_mb", "node", "actor",
 )  # fmt: skip
-TELEMETRY = "telemetry"  # per-batch measurements from the generator: merged into the part's stats
+TELEMETRY = "telemetry"  # the generator's batch records (PartStats JSON): merged into the part's stats
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class PartWriter:
         self.ext = EXTENSIONS[image_format]
         self.model = model
 
-    def write(self, batch: pa.Table) -> dict[str, Any]:
+    def write(self, batch: pa.Table) -> PartStats:
         """Commit one part. Transient object-store errors are retried by botocore; an error that
         outlasts the retries stops the job with a StorageError, and the parts already committed
         stay valid, so the same command resumes once the output is writable again."""
@@ -76,7 +76,7 @@ class PartWriter:
                 "Parts committed so far are kept; rerun the same command to resume once the output is writable."
             ) from None
 
-    def _write(self, batch: pa.Table) -> dict[str, Any]:
+    def _write(self, batch: pa.Table) -> PartStats:
         start = time.perf_counter()
         ids: list[str] = batch.column("id").to_pylist()
         name = part_name(ids)
@@ -90,12 +90,13 @@ class PartWriter:
             self._write_files(table.column("image_path").to_pylist(), images)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        record = {**self._summary(name, table), **telemetry}
-        record["committed_at"] = time.time()
+        record = self._summary(name, table)
+        record += telemetry
+        record.committed_at = time.time()
         # The upload: images (above) and the two small files below.
-        record["upload_seconds"] = time.perf_counter() - start
+        record.upload_seconds = time.perf_counter() - start
         # The part's stats record, next to its outputs and before the metadata that commits it.
-        write_bytes(self.fs, part_stats_path(self.root, name), json.dumps(record).encode())
+        write_bytes(self.fs, part_stats_path(self.root, name), record.to_json().encode())
         write_bytes(self.fs, metadata_path(self.root, name), buffer.getvalue())
         return record
 
@@ -139,26 +140,26 @@ class PartWriter:
         write_bytes(self.fs, join(self.root, shard_relpath(name)), buffer.getvalue())
 
     @staticmethod
-    def _summary(name: str, table: pa.Table) -> dict[str, Any]:
+    def _summary(name: str, table: pa.Table) -> PartStats:
+        """The part's figures that its metadata holds, row by row."""
+
         def total(column: str) -> float:
             return float(sum(table.column(column).to_pylist()))
 
-        return {
-            "part": name,
-            "rows": table.num_rows,
-            "bytes": int(total("bytes")),
-            "generation_seconds": total("generation_seconds"),
-            "encode_seconds": total("encode_seconds"),
-            "peak_memory_mb": float(max(table.column("peak_memory_mb").to_pylist(), default=0.0)),
-            "prompts_truncated": int(total("prompt_truncated")) if "prompt_truncated" in table.column_names else 0,
-            "negative_prompts_truncated": (
-                int(total("negative_prompt_truncated")) if "negative_prompt_truncated" in table.column_names else 0
-            ),
-            "min_render_batch_size": (
-                int(min(table.column("render_batch_size").to_pylist()))
-                if "render_batch_size" in table.column_names
-                else 0
-            ),
-            "actors": dict(Counter(table.column("actor").to_pylist())),
-            "nodes": dict(Counter(table.column("node").to_pylist())),
-        }
+        def count(flag: str) -> int:  # a flag column of older inputs may be missing
+            return int(total(flag)) if flag in table.column_names else 0
+
+        sizes = table.column("render_batch_size").to_pylist() if "render_batch_size" in table.column_names else []
+        return PartStats(
+            part=name,
+            rows=table.num_rows,
+            bytes=int(total("bytes")),
+            generation_seconds=total("generation_seconds"),
+            encode_seconds=total("encode_seconds"),
+            peak_memory_mb=float(max(table.column("peak_memory_mb").to_pylist(), default=0.0)),
+            prompts_truncated=count("prompt_truncated"),
+            negative_prompts_truncated=count("negative_prompt_truncated"),
+            min_render_batch_size=int(min(sizes, default=0)),
+            actors=Counter(table.column("actor").to_pylist()),
+            nodes=Counter(table.column("node").to_pylist()),
+        )

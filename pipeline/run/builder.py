@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pipeline.models.presets import get_preset
+from pipeline.output.stats import job_label
 from pipeline.output.writer import ModelInfo
+from pipeline.plan.manifest import rules_for
 from pipeline.plan.settings import SettingDefaults
 from pipeline.run.stages import EncodeImages, GenerateImages, ReadManifest, WriteParts
 
@@ -69,6 +71,43 @@ def retry_bounds(resources: ResourcesConfig, *, actor: bool) -> dict[str, Any]:
     return {"max_retries": bound}
 
 
+def generator_kwargs(config: JobConfig) -> dict[str, Any]:
+    """What Ray constructs each `GenerateImages` actor from (`fn_constructor_kwargs`): the model,
+    where its weights are, and how the actor runs it. Shipped to every actor, so only these."""
+    resources = config.resources
+    return {
+        "model": config.model,
+        "storage": config.storage,
+        "batch_size": config.generation.batch_size,
+        "torch_threads": resources.torch_threads,
+        "on_gpu": resources.on_gpu,
+        "job": job_label(config.output),
+    }
+
+
+def read_stage(config: JobConfig) -> ReadManifest:
+    """The reader, with the job's setting defaults and the preset's limits for a row's own values."""
+    preset = get_preset(config.model.preset)
+    return ReadManifest(
+        storage=config.storage, defaults=SettingDefaults.from_config(config.generation, preset), rules=rules_for(preset)
+    )
+
+
+def encode_stage(config: JobConfig) -> EncodeImages:
+    return EncodeImages(image_format=config.generation.image_format, quality=config.generation.image_quality)
+
+
+def write_stage(config: JobConfig) -> WriteParts:
+    return WriteParts(
+        output=config.output,
+        layout=config.write.layout,
+        image_format=config.generation.image_format,
+        model=model_info(config),
+        storage=config.storage,
+        job=job_label(config.output),
+    )
+
+
 @contextmanager
 def _remote_args_allowed() -> Iterator[None]:
     """Ray 2.60's map_batches takes the retry bounds only as extra Ray remote args, which it
@@ -90,16 +129,15 @@ def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Da
 def _graph(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
     import ray.data
 
-    defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
     resources = config.resources
     tasks_retry = retry_bounds(resources, actor=False)
     dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     dataset = dataset.map_batches(
-        ReadManifest(config, defaults), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
+        read_stage(config), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
     )
     dataset = dataset.map_batches(
         GenerateImages,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs=generator_kwargs(config),
         batch_size=config.generation.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=resources.actor_range[0], max_size=resources.actor_range[1]),
@@ -109,14 +147,14 @@ def _graph(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
         **retry_bounds(resources, actor=True),
     )
     dataset = dataset.map_batches(
-        EncodeImages(config),
+        encode_stage(config),
         batch_size=config.generation.batch_size,
         batch_format="pyarrow",
         num_cpus=ENCODE_CPUS,
         **tasks_retry,
     )
     return dataset.map_batches(
-        WriteParts(config, model_info(config)),
+        write_stage(config),
         batch_size=config.write.rows_per_part,
         batch_format="pyarrow",
         num_cpus=WRITE_CPUS,

@@ -3,7 +3,6 @@ show progress, and write `stats.json` once every part has committed."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -19,7 +18,7 @@ from pipeline import __version__
 from pipeline.core.errors import SdxlBatchError, error_from_text, exception_chain
 from pipeline.core.io import filesystem, join
 from pipeline.core.layout import IMAGES_DIR, JOB_RECORD, METADATA_DIR, REJECTS_DIR, SHARDS_DIR, STATS_FILE, write_json
-from pipeline.output.stats import JobStats
+from pipeline.output.stats import JobStats, PartStats
 from pipeline.plan.job import (
     JobPlan,
     plan_job,
@@ -43,7 +42,8 @@ class JobResult:
     rows: int
     wall_seconds: float
     images_per_second: float
-    stats: dict[str, Any]
+    stats: dict[str, Any]  # the stats.json record
+    job_stats: JobStats  # the totals it was made from (what `tune` and `estimate` measure)
 
     def locations(self) -> dict[str, str]:
         return {
@@ -187,28 +187,30 @@ def run_job(
     write_json(fs, join(root, STATS_FILE), record)
     return JobResult(
         output=job.output,
-        rows=stats.rows,
+        rows=stats.totals.rows,
         wall_seconds=wall,
         images_per_second=record["images_per_second"],
         stats=record,
+        job_stats=stats,
     )
 
 
 def _warn_about_limits(stats: JobStats) -> None:
     """One warning per kind for the whole job, with counts (the metadata has the per-row record)."""
-    if stats.prompts_truncated or stats.negative_prompts_truncated:
+    totals = stats.totals
+    if totals.prompts_truncated or totals.negative_prompts_truncated:
         logger.warning(
             "%d prompt(s) and %d negative prompt(s) were longer than the text encoders' 77-token limit and were "
             "truncated (metadata columns prompt_truncated / prompt_tokens)",
-            stats.prompts_truncated,
-            stats.negative_prompts_truncated,
+            totals.prompts_truncated,
+            totals.negative_prompts_truncated,
         )
-    if stats.oom_retries:
+    if totals.oom_retries:
         logger.warning(
             "out of memory %d time(s): batches were split and retried, down to %d images per model call; "
             "a smaller generation.batch_size avoids the retries",
-            stats.oom_retries,
-            stats.min_render_batch_size,
+            totals.oom_retries,
+            totals.min_render_batch_size,
         )
 
 
@@ -227,7 +229,7 @@ def _execute(
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 assert isinstance(batch, pa.Table)
                 for row in batch.to_pylist():
-                    stats.add_part(json.loads(row["record"]))
+                    stats.add_part(PartStats.from_json(row["record"]))
                     bar.update(int(row["rows"]))
         except Exception as error:
             cause = user_error(error) or worker_death(error, max_retries=config.resources.max_retries, failed=failed)

@@ -1,12 +1,12 @@
 """The Ray Data stages. Each is a small callable over a `pyarrow.Table` batch: one row in, one
 row out (except the reader, which expands a fragment into its rows, and the writer, which turns a
 part into one summary row). Each declares the columns it needs and fails naming itself and the
-missing ones, so a wiring mistake is obvious.
+missing ones, so a wiring mistake is obvious. Each takes, as keyword arguments, only the settings
+it uses (`builder` picks them from the job's config), so what a stage depends on is in its signature.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.core.errors import SdxlBatchError
-from pipeline.models.presets import get_preset
-from pipeline.output.stats import job_label
+from pipeline.output.stats import Call, PartStats
 from pipeline.output.writer import TELEMETRY, ModelInfo, PartWriter
-from pipeline.plan.manifest import Fragment, read_fragment, rules_for
+from pipeline.plan.manifest import Fragment, RowRules, read_fragment
 from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
 from pipeline.run.encoding import encode_batch
 from pipeline.run.telemetry import JobMetrics, UtilizationSampler, nvml_reader
@@ -27,7 +26,7 @@ from pipeline.run.telemetry import JobMetrics, UtilizationSampler, nvml_reader
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.core.config import JobConfig
+    from pipeline.core.config import ModelConfig, StorageConfig
     from pipeline.core.render import RenderSettings
     from pipeline.models.generator import ImageGenerator
 
@@ -46,10 +45,10 @@ class ReadManifest:
 
     needs = (*(f.name for f in fields(Fragment)), "skip")  # every field: a slice without `start` re-reads row 0
 
-    def __init__(self, config: JobConfig, defaults: SettingDefaults):
-        self.storage = config.storage
+    def __init__(self, *, storage: StorageConfig, defaults: SettingDefaults, rules: RowRules):
+        self.storage = storage
         self.defaults = defaults
-        self.rules = rules_for(get_preset(config.model.preset))
+        self.rules = rules
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("read", batch, self.needs)
@@ -68,23 +67,39 @@ class GenerateImages:
 
     needs = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
 
-    def __init__(self, config: JobConfig):
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        storage: StorageConfig,
+        batch_size: int,
+        torch_threads: int | None,
+        on_gpu: bool,
+        job: str,
+    ):
+        """Ray constructs the actor from these (`fn_constructor_kwargs`). `job`: the Ray metrics'
+        job tag (`stats.job_label`)."""
         # Every torch call of this actor runs on this one thread. Ray runs the constructor on the
         # process's main thread and batches on an executor thread; OpenMP keeps a thread team per
         # calling thread, and with two teams on a node's cores its workers stop spinning and sleep
         # between parallel regions (measured on 2 cores: a fifth of the CPU idle, ~10% slower).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-batch-torch")
-        self.load_error = self._torch.submit(self._load, config).result()
+        load = self._torch.submit(
+            self._load, model, storage, batch_size=batch_size, torch_threads=torch_threads, on_gpu=on_gpu
+        )
+        self.load_error = load.result()
         self.node, self.actor, self.gpu = _placement()
-        self.metrics = JobMetrics(job=job_label(config.output), model=self.generator.model_name)
+        self.metrics = JobMetrics(job=job, model=self.generator.model_name)
         read = nvml_reader() if self.load_error is None and self.generator.device == "cuda" else None
         self.sampler = UtilizationSampler(read) if read else None
 
-    def _load(self, config: JobConfig) -> SdxlBatchError | None:
+    def _load(
+        self, model: ModelConfig, storage: StorageConfig, *, batch_size: int, torch_threads: int | None, on_gpu: bool
+    ) -> SdxlBatchError | None:
         from pipeline.models.generator import ImageGenerator
 
-        _set_torch_threads(config.resources.torch_threads, on_gpu=config.resources.on_gpu)
-        self.generator = ImageGenerator(config.model, config.storage, batch_size=config.generation.batch_size)
+        _set_torch_threads(torch_threads, on_gpu=on_gpu)
+        self.generator = ImageGenerator(model, storage, batch_size=batch_size)
         try:
             self.generator.load()
         except SdxlBatchError as error:
@@ -107,7 +122,7 @@ class GenerateImages:
         prompts, negatives, seeds = (batch.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed"))
         retries_before = self.generator.oom_retries
         phases_before = dict(self.generator.stage_seconds)
-        calls: list[list[float]] = []
+        calls: list[Call] = []
         started = time.time()
         pixels = PixelColumn([(s.height, s.width) for s, (lo, hi) in groups for _ in range(lo, hi)], self.generator)
         for settings, (lo, hi) in groups:
@@ -116,7 +131,7 @@ class GenerateImages:
                 prompts[lo:hi], negatives[lo:hi], seeds[lo:hi], settings, out=pixels.rows(lo, hi, settings)
             )
             elapsed = time.perf_counter() - start
-            calls.append([hi - lo, elapsed, time.time()])  # images, seconds, when it ended
+            calls.append((hi - lo, elapsed, time.time()))  # images, seconds, when it ended
             seconds[lo:hi] = [elapsed / (hi - lo)] * (hi - lo)
             call_sizes[lo:hi] = sizes
         prompt_tokens, limit = self.generator.token_counts(prompts)
@@ -132,7 +147,8 @@ class GenerateImages:
             "node": pa.array([self.node] * n, pa.string()),
             "actor": pa.array([self.actor] * n, pa.string()),
             TELEMETRY: pa.array(
-                [self._telemetry(n, started, retries_before, phases_before, calls)] + [None] * (n - 1), pa.string()
+                [self._telemetry(n, started, retries_before, phases_before, calls).to_json()] + [None] * (n - 1),
+                pa.string(),
             ),
         }
         for name, column in columns.items():
@@ -140,9 +156,9 @@ class GenerateImages:
         return batch
 
     def _telemetry(
-        self, rows: int, started: float, retries_before: int, phases_before: dict[str, float], calls: list[list[float]]
-    ) -> str:
-        """This batch's measurements, counted once (JSON on its first row): where it ran,
+        self, rows: int, started: float, retries_before: int, phases_before: dict[str, float], calls: list[Call]
+    ) -> PartStats:
+        """This batch's stats record, counted once (as JSON on its first row): where it ran,
         out-of-memory retries, seconds per phase (text encoding, denoising, VAE decoding, copy to
         host), (images, seconds, end time) per model call, GPU utilisation and memory. The same
         figures go to Ray's metrics."""
@@ -155,19 +171,19 @@ class GenerateImages:
         self.metrics.batch(images=rows, calls=[c[1] for c in calls], stages=phases, oom_retries=retries)
         if on_gpu:
             self.metrics.gpu(gpu=self.gpu, utilization=utilization, memory_peak_bytes=memory_mb * 2**20)
-        return json.dumps({
-            "actor": self.actor,
-            "node": self.node,
-            "gpu": self.gpu,
-            "device": generator.device,
-            "rows": rows,
-            "oom_retries": retries,
-            "stage_seconds": phases,
-            "calls": calls,
-            "gpu_utilization": utilization,
-            "gpu_memory_peak_mb": memory_mb if on_gpu else None,
-            "lora_layers_unmatched": generator.lora_layers_unmatched,
-        })  # fmt: skip
+        return PartStats.of_batch(
+            actor=self.actor,
+            node=self.node,
+            gpu=self.gpu,
+            device=generator.device,
+            rows=rows,
+            calls=calls,
+            oom_retries=retries,
+            stage_seconds=phases,
+            utilization=utilization,
+            gpu_memory_peak_mb=memory_mb if on_gpu else None,
+            lora_layers_unmatched=generator.lora_layers_unmatched,
+        )
 
 
 def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
@@ -234,11 +250,13 @@ class PixelColumn:
 
 
 class EncodeImages:
+    """Raw pixels → encoded image bytes, their sha256 and size (CPU tasks)."""
+
     needs = ("pixels", "width", "height")
 
-    def __init__(self, config: JobConfig):
-        self.image_format = config.generation.image_format
-        self.quality = config.generation.image_quality
+    def __init__(self, *, image_format: str, quality: int):
+        self.image_format = image_format
+        self.quality = quality
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("encode", batch, self.needs)
@@ -260,25 +278,19 @@ class WriteParts:
         "actor",
     )
 
-    def __init__(self, config: JobConfig, model: ModelInfo):
-        self.job = job_label(config.output)
+    def __init__(
+        self, *, output: str, layout: str, image_format: str, model: ModelInfo, storage: StorageConfig, job: str
+    ):
+        self.job = job
         self.model_name = model.model
         self.metrics: JobMetrics | None = None  # created in the worker (Ray metrics live there)
-        self.writer = PartWriter(
-            output=config.output,
-            layout=config.write.layout,
-            image_format=config.generation.image_format,
-            model=model,
-            storage=config.storage,
-        )
+        self.writer = PartWriter(output=output, layout=layout, image_format=image_format, model=model, storage=storage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("write", batch, self.needs)
         record = self.writer.write(batch)
         if self.metrics is None:
             self.metrics = JobMetrics(job=self.job, model=self.model_name)
-        self.metrics.committed(
-            record["rows"], stages={"encode": record["encode_seconds"], "upload": record["upload_seconds"]}
-        )
+        self.metrics.committed(record.rows, stages={"encode": record.encode_seconds, "upload": record.upload_seconds})
         # One row per part for the driver: its row count (progress) and its stats record.
-        return pa.table({"rows": [record["rows"]], "record": [json.dumps(record)]})
+        return pa.table({"rows": [record.rows], "record": [record.to_json()]})

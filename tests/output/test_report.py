@@ -7,7 +7,12 @@ import base64
 import hashlib
 import io
 import json
+import shutil
+import subprocess
+import sys
 import time
+import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,7 +25,7 @@ from PIL import Image
 from pipeline.core.errors import SdxlBatchError, StorageError
 from pipeline.core.io import filesystem, join, write_bytes
 from pipeline.output.report import stage_breakdown, throughput_series, write_report
-from pipeline.output.stats import JobStats
+from pipeline.output.stats import JobStats, PartStats
 from pipeline.output.writer import ModelInfo, PartWriter
 
 SECTIONS = ["Summary", "Throughput over time", "Per actor", "Stage breakdown", "Sample images"]
@@ -39,12 +44,12 @@ def _batch(ids: list[str], prompts: list[str], *, actor: str, started: float, bi
     four rows, the batch's telemetry JSON on its first row."""
     n = len(ids)
     images = [_png(i, (600, 400) if big and i == 0 else (48, 32)) for i in range(n)]
-    calls = [[len(ids[k : k + 4]), 0.5, started + 0.5 * (k // 4 + 1)] for k in range(0, n, 4)]
-    telemetry = {
-        "actor": actor, "node": "node-aaaaaaaaaaaa", "gpu": "", "device": "cpu", "rows": n, "oom_retries": 0,
-        "stage_seconds": {"text_encode": 0.1, "denoise": 0.6, "vae_decode": 0.25, "to_host": 0.01},
-        "calls": calls, "gpu_utilization": None, "gpu_memory_peak_mb": None,
-    }  # fmt: skip
+    calls = [(len(ids[k : k + 4]), 0.5, started + 0.5 * (k // 4 + 1)) for k in range(0, n, 4)]
+    telemetry = PartStats.of_batch(
+        actor=actor, node="node-aaaaaaaaaaaa", gpu="", device="cpu", rows=n, oom_retries=0,
+        stage_seconds={"text_encode": 0.1, "denoise": 0.6, "vae_decode": 0.25, "to_host": 0.01},
+        calls=calls, utilization=None, gpu_memory_peak_mb=None,
+    )  # fmt: skip
     return pa.table({
         "id": ids,
         "prompt": prompts,
@@ -62,7 +67,7 @@ def _batch(ids: list[str], prompts: list[str], *, actor: str, started: float, bi
         "peak_memory_mb": [512.0] * n,
         "node": ["node-aaaaaaaaaaaa"] * n,
         "actor": [actor] * n,
-        "telemetry": pa.array([json.dumps(telemetry)] + [None] * (n - 1), pa.string()),
+        "telemetry": pa.array([telemetry.to_json()] + [None] * (n - 1), pa.string()),
     })  # fmt: skip
 
 
@@ -237,24 +242,56 @@ def test_a_damaged_metadata_part_is_a_storage_error(tmp_path: Path) -> None:
 
 def test_throughput_series_counts_every_image_once() -> None:
     # Two actors: calls of 4 images, 1 s each; the second actor starts 0.5 s later.
-    parts = [{"calls": [[4, 1.0, 101.0], [4, 1.0, 102.0]]}, {"calls": [[4, 1.0, 101.5], [2, 1.0, 102.5]]}]
-    series = throughput_series(parts)
+    records = [{"calls": [[4, 1.0, 101.0], [4, 1.0, 102.0]]}, {"calls": [[4, 1.0, 101.5], [2, 1.0, 102.5]]}]
+    series = throughput_series([PartStats.from_dict(record) for record in records])
     assert series is not None
     assert series.finished_at.tolist() == [1.0, 1.5, 2.0, 2.5]
     assert series.cumulative.tolist() == [4, 8, 12, 14]
     widths = np.diff(series.bin_edges)
     assert float((series.images_per_second * widths).sum()) == pytest.approx(14)
     assert float(series.images_per_second.max()) == pytest.approx(8.0)  # both actors at 4 images/s
-    assert throughput_series([{"calls": []}]) is None
+    assert throughput_series([PartStats.from_dict({"calls": []})]) is None
 
 
 def test_stage_breakdown_in_pipeline_order() -> None:
-    parts = [{"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
-              "encode_seconds": 0.2, "upload_seconds": 0.1}]  # fmt: skip
+    record = {"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
+              "encode_seconds": 0.2, "upload_seconds": 0.1}  # fmt: skip
+    parts = [PartStats.from_dict(record)]
     assert stage_breakdown(parts) == [
         ("Text encode", 0.5), ("Denoise (UNet)", 3.0), ("VAE decode", 1.0), ("Other generation", 0.5),
         ("Image encoding", 0.2), ("Upload", 0.1),
     ]  # fmt: skip
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "pipeline" / "output" / "report" / "templates"
+
+
+def test_the_template_is_package_data() -> None:
+    """The page's template is found through the package (importlib.resources, as jinja2's
+    PackageLoader finds it), and pyproject.toml ships every template file in the wheel."""
+    from importlib.resources import files
+
+    from pipeline.output.report.page import TEMPLATE, environment
+
+    assert files("pipeline.output.report").joinpath("templates", TEMPLATE).is_file()
+    assert environment().autoescape is True
+    assert environment().get_template(TEMPLATE).name == TEMPLATE  # found, loaded and compiled
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p for pattern in globs["pipeline.output.report"] for p in TEMPLATES.parent.glob(pattern)}
+    assert shipped == set(TEMPLATES.iterdir()) and shipped
+
+
+@pytest.mark.integration
+def test_the_wheel_holds_the_template(tmp_path: Path) -> None:
+    """A non-editable wheel, built from a copy of the sources, carries the template."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist", "."]
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "pipeline/output/report/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
 
 
 @pytest.mark.integration

@@ -6,33 +6,33 @@ import json
 
 import pytest
 
-from pipeline.output.stats import JobStats, merge_telemetry
+from pipeline.output.stats import Call, JobStats, PartStats, merge_telemetry
 
 
-def _batch(actor: str, gpu: str, rows: int, calls: list[list[float]], utilization: float | None) -> str:
-    return json.dumps({
-        "actor": actor, "node": "node-" + actor[0], "gpu": gpu, "device": "cuda", "rows": rows,
-        "oom_retries": 1 if rows > 3 else 0, "stage_seconds": {"denoise": 1.0, "vae_decode": 0.5},
-        "calls": calls, "gpu_utilization": utilization, "gpu_memory_peak_mb": 1000.0 + rows,
-    })  # fmt: skip
+def _batch(actor: str, gpu: str, rows: int, calls: list[Call], utilization: float | None) -> str:
+    return PartStats.of_batch(
+        actor=actor, node="node-" + actor[0], gpu=gpu, device="cuda", rows=rows,
+        oom_retries=1 if rows > 3 else 0, stage_seconds={"denoise": 1.0, "vae_decode": 0.5},
+        calls=calls, utilization=utilization, gpu_memory_peak_mb=1000.0 + rows,
+    ).to_json()  # fmt: skip
 
 
-def _part(records: list[str | None], rows: int) -> dict[str, object]:
-    return {
+def _part(records: list[str | None], rows: int) -> PartStats:
+    return PartStats.from_dict({
         "rows": rows, "bytes": 10, "generation_seconds": 1.0, "encode_seconds": 0.1, "upload_seconds": 0.2,
-        "peak_memory_mb": 5.0, "actors": {}, "nodes": {}, **merge_telemetry(records),
-    }  # fmt: skip
+        "peak_memory_mb": 5.0, "actors": {}, "nodes": {},
+    }) + merge_telemetry(records)  # fmt: skip
 
 
 def test_parts_and_batches_merge_exactly() -> None:
     # Actor a: two batches in one part, one in another; actor b: one batch. [images, seconds, end]
     part1 = _part(
-        [_batch("a1", "gpu0", 4, [[4, 2.0, 102.0]], 90.0), None, _batch("a1", "gpu0", 2, [[2, 1.0, 104.0]], 60.0)], 6
+        [_batch("a1", "gpu0", 4, [(4, 2.0, 102.0)], 90.0), None, _batch("a1", "gpu0", 2, [(2, 1.0, 104.0)], 60.0)], 6
     )
     part2 = _part(
-        [_batch("a1", "gpu0", 2, [[2, 1.0, 110.0]], None), _batch("b2", "gpu1", 3, [[3, 3.0, 103.0]], 100.0)], 5
+        [_batch("a1", "gpu0", 2, [(2, 1.0, 110.0)], None), _batch("b2", "gpu1", 3, [(3, 3.0, 103.0)], 100.0)], 5
     )
-    assert part1["oom_retries"] == 1 and part1["stage_seconds"] == {"denoise": 2.0, "vae_decode": 1.0}
+    assert part1.oom_retries == 1 and part1.stage_seconds == {"denoise": 2.0, "vae_decode": 1.0}
     stats = JobStats()
     stats.add_part(part1)
     stats.add_part(part2)
@@ -60,7 +60,7 @@ def test_parts_and_batches_merge_exactly() -> None:
 
 
 def test_cpu_jobs_have_no_gpu_figures() -> None:
-    batch = json.dumps({"actor": "x", "node": "n", "gpu": "", "device": "cpu", "rows": 2, "calls": [[2, 1.0, 5.0]]})
+    batch = PartStats.of_batch(actor="x", node="n", gpu="", device="cpu", rows=2, calls=[(2, 1.0, 5.0)]).to_json()
     stats = JobStats()
     stats.add_part(_part([batch], 2))
     record = stats.to_dict(wall_seconds=3.0, manifest_rows=2, extra={})
@@ -71,14 +71,19 @@ def test_cpu_jobs_have_no_gpu_figures() -> None:
 def test_unmatched_lora_layers_are_a_property_of_the_model_not_a_sum() -> None:
     # Every batch of every actor reports the count of the LoRA it loaded (model.allow_partial_lora).
     def batch(actor: str, unmatched: int | None) -> str:
-        data = {"actor": actor, "node": "n", "rows": 1, "calls": [[1, 1.0, 5.0]]}
-        return json.dumps(data if unmatched is None else {**data, "lora_layers_unmatched": unmatched})
+        record = PartStats.of_batch(actor=actor, node="n", gpu="", device="", rows=1, calls=[(1, 1.0, 5.0)])
+        record.lora_layers_unmatched = unmatched or 0
+        data = record.to_dict()
+        if unmatched is None:  # a record without the field
+            del data["lora_layers_unmatched"]
+        return json.dumps(data)
 
     first, second = _part([batch("a", 3), batch("a", 3)], 2), _part([batch("b", 3), batch("c", None)], 2)
-    assert first["lora_layers_unmatched"] == 3
+    assert first.lora_layers_unmatched == 3
     stats = JobStats()
     stats.add_part(first)
     stats.add_part(second)
-    stats.add_part({key: value for key, value in second.items() if key != "lora_layers_unmatched"})  # older record
+    older = {key: value for key, value in second.to_dict().items() if key != "lora_layers_unmatched"}
+    stats.add_part(PartStats.from_dict(older))  # older record
     assert stats.to_dict(wall_seconds=1.0, manifest_rows=4, extra={})["lora_layers_unmatched"] == 3
     assert JobStats().to_dict(wall_seconds=1.0, manifest_rows=0, extra={})["lora_layers_unmatched"] == 0

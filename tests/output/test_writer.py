@@ -52,7 +52,7 @@ def test_part_name_depends_on_the_ids_not_their_order() -> None:
 def test_files_layout(tmp_path: Path) -> None:
     ids = ["x-1", "../escape", "y-2"]
     summary = _writer(tmp_path, "files").write(_encoded_batch(ids))
-    assert summary["rows"] == 3 and summary["generation_seconds"] == pytest.approx(1.5)
+    assert summary.rows == 3 and summary.generation_seconds == pytest.approx(1.5)
     parts = list((tmp_path / "metadata").glob("part-*.parquet"))
     assert [p.stem for p in parts] == [part_name(ids)]
     table = pq.read_table(parts[0])

@@ -563,7 +563,7 @@ def test_random_jobs_validate(
         else:
             assert on_bad_row == "skip" or not job.manifest.problem_count
             assert len(write_rejects(job)) == len({str(f) for f in job.manifest.problems.column("file").to_pylist()})
-        stage = ReadManifest(config, job.defaults)
+        stage = ReadManifest(storage=config.storage, defaults=job.defaults, rules=rules)
         tasks = pending_slices(job)
         rows = 0
         for task in tasks:

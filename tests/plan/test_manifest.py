@@ -148,6 +148,8 @@ def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
     from dataclasses import asdict
 
     from pipeline.core.config import JobConfig
+    from pipeline.models.presets import get_preset
+    from pipeline.plan.manifest import rules_for
     from pipeline.plan.settings import SettingDefaults
     from pipeline.run.stages import ReadManifest
 
@@ -155,6 +157,7 @@ def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
     plan = plan_manifest(str(tmp_path / "m.parquet"))
     slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
     config = JobConfig.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o")})
-    stage = ReadManifest(config, SettingDefaults(128, 128, 4, 0.0))
+    rules = rules_for(get_preset(config.model.preset))
+    stage = ReadManifest(storage=config.storage, defaults=SettingDefaults(128, 128, 4, 0.0), rules=rules)
     ids = [i for s in slices for i in stage(pa.Table.from_pylist([{**asdict(s), "skip": []}])).column("id").to_pylist()]
     assert ids == plan.ids.to_pylist()

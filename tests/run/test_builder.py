@@ -40,3 +40,22 @@ def test_every_stage_bounds_the_restarts_and_retries_of_its_dead_workers(
     assert "max_retries" not in stages["GenerateImages"]  # an actor option Ray would reject
     for task in ("ReadManifest", "EncodeImages", "WriteParts"):
         assert stages[task]["max_retries"] == bound and "max_restarts" not in stages[task]
+
+
+def test_ray_constructs_the_generator_from_what_it_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray builds each generator actor from `fn_constructor_kwargs`, in the actor's process: the
+    keywords must be the constructor's own, and nothing more of the job's config travels."""
+    import inspect
+
+    import ray.data
+
+    from pipeline.run.stages import GenerateImages
+
+    graph = RecordedGraph()
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kwargs: graph)
+    config = JobConfig.model_validate({"manifest": "m.parquet", "output": "s3://bucket/jobs/out/"})
+    build_dataset(config, [])
+    kwargs = dict(graph.stages)["GenerateImages"]["fn_constructor_kwargs"]
+    assert set(kwargs) == set(inspect.signature(GenerateImages).parameters)
+    assert kwargs["model"] == config.model and kwargs["batch_size"] == config.generation.batch_size
+    assert kwargs["job"] == "out"

@@ -16,6 +16,7 @@ from pipeline.core.errors import SdxlBatchError
 from pipeline.core.render import RenderSettings
 from pipeline.models.generator import ImageGenerator
 from pipeline.run import stages
+from pipeline.run.builder import generator_kwargs
 
 
 def test_load_and_every_batch_run_on_the_same_thread(
@@ -48,7 +49,7 @@ def test_load_and_every_batch_run_on_the_same_thread(
         "model": {"preset": "tiny", "cache_dir": str(model_cache)},
         "resources": {"torch_threads": 1},
     })  # fmt: skip
-    stage = stages.GenerateImages(config)
+    stage = stages.GenerateImages(**generator_kwargs(config))
     batch = pa.table({
         "id": ["a", "b"],
         "prompt": ["a red car", "a blue fish"],
@@ -77,7 +78,7 @@ def test_a_load_error_reaches_the_first_batch(tmp_path: Path, monkeypatch: pytes
         "output": str(tmp_path / "out"),
         "model": {"preset": "tiny", "path": str(tmp_path / "no-such-model"), "cache_dir": str(tmp_path / "cache")},
     })  # fmt: skip
-    stage = stages.GenerateImages(config)  # the constructor itself does not fail
+    stage = stages.GenerateImages(**generator_kwargs(config))  # the constructor itself does not fail
     with pytest.raises(SdxlBatchError, match="no-such-model"):
         stage(pa.table({"id": ["a"]}))
 
@@ -94,7 +95,7 @@ def test_mixed_settings_share_one_pixel_buffer(
         "model": {"preset": "tiny", "cache_dir": str(model_cache)},
         "generation": {"batch_size": 3},
     })  # fmt: skip
-    stage = stages.GenerateImages(config)
+    stage = stages.GenerateImages(**generator_kwargs(config))
     sizes = [64, 32, 64]
     batch = pa.table({
         "id": ["a", "b", "c"],
