@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+import pipeline
 from pipeline import __version__
 from pipeline.core.errors import ClusterError, ConfigError, SdxlBatchError
 from pipeline.core.io import is_remote
@@ -34,7 +35,8 @@ from pipeline.run.session import QUIET_ENV
 if TYPE_CHECKING:
     from pipeline.core.config import JobConfig
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout that holds the package (found from the package itself, wherever this module sits).
+REPO = Path(pipeline.__file__).resolve().parents[1]
 SHIPPED = ("pipeline", "jobs", "configs")
 SUBMITTED_CONFIG = "submitted.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
