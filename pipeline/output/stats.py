@@ -418,7 +418,7 @@ class JobStats:
         return actors
 
     def to_dict(self, *, wall_seconds: float, manifest_rows: int, extra: dict[str, Any]) -> dict[str, Any]:
-        """The `stats.json` record (fields documented in the README). Stage seconds are summed
+        """The `stats.json` record (fields documented in docs/throughput.md). Stage seconds are summed
         over workers (busy time, not wall time)."""
         t = self.totals
         return {
