@@ -163,27 +163,8 @@ def run_job(
         _execute(config, pending_slices(job, config), remaining, stats, progress=progress)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
-    model = model_info(config)
-    record = stats.to_dict(
-        wall_seconds=wall,
-        manifest_rows=plan.total_rows,
-        extra={
-            "rows_done_before": job.done_rows,
-            "rows_rejected": plan.problem_count,
-            "rows_skipped": job.done_rows + plan.problem_count,
-            "rejected_by_column": dict(plan.problem_columns),
-            "rejects_files": len(rejects),
-            "layout": config.write.layout,
-            "image_format": config.generation.image_format,
-            "model": model.model,
-            "scheduler": model.scheduler,
-            "batch_size": config.generation.batch_size,
-            "actors": config.resources.actors,
-            "gpus_per_actor": config.resources.gpus_per_actor,
-            "started_at": started_at,
-            "finished_at": _now(),
-        },
-    )
+    extra = _job_settings(job, config, rejects=len(rejects)) | {"started_at": started_at, "finished_at": _now()}
+    record = stats.to_dict(wall_seconds=wall, manifest_rows=plan.total_rows, extra=extra)
     write_json(fs, join(root, STATS_FILE), record)
     return JobResult(
         output=job.output,
@@ -193,6 +174,25 @@ def run_job(
         stats=record,
         job_stats=stats,
     )
+
+
+def _job_settings(job: JobPlan, config: JobConfig, *, rejects: int) -> dict[str, Any]:
+    """What `stats.json` records beside the measurements: skipped rows and the job's settings."""
+    plan, model = job.manifest, model_info(config)
+    return {
+        "rows_done_before": job.done_rows,
+        "rows_rejected": plan.problem_count,
+        "rows_skipped": job.done_rows + plan.problem_count,
+        "rejected_by_column": dict(plan.problem_columns),
+        "rejects_files": rejects,
+        "layout": config.write.layout,
+        "image_format": config.generation.image_format,
+        "model": model.model,
+        "scheduler": model.scheduler,
+        "batch_size": config.generation.batch_size,
+        "actors": config.resources.actors,
+        "gpus_per_actor": config.resources.gpus_per_actor,
+    }
 
 
 def _warn_about_limits(stats: JobStats) -> None:
