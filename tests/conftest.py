@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,9 +88,7 @@ MODEL_FIXTURES = {"model_cache", "tiny_dir", "tiny_hub"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its lane from what it uses, so that no test file has to remember to:
     `model` (builds or loads a pipeline), `fuzz` (hypothesis), `integration` (real Ray, S3
-    server, CLI processes); `gpu` tests are skipped without CUDA. Integration tests share one
-    xdist group: they start Ray clusters and servers, and run one after another on one worker
-    while the others take the rest."""
+    server, CLI processes); `gpu` tests are skipped without CUDA."""
     cuda: bool | None = None
     for item in items:
         function = getattr(item, "obj", None)
@@ -97,8 +96,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.model)
         if getattr(function, "is_hypothesis_test", False):
             item.add_marker(pytest.mark.fuzz)
-        if item.get_closest_marker("integration"):
-            item.add_marker(pytest.mark.xdist_group("integration"))
         if item.get_closest_marker("gpu"):
             if cuda is None:
                 import torch
@@ -106,6 +103,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 cuda = torch.cuda.is_available()
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` (`-n auto --dist loadgroup`): the integration tests start Ray clusters, servers
+    and CLI processes, so they run one after another on one worker while the other workers take
+    every other test. Grouped by path here: xdist 3.8's own loadgroup tags a group by rewriting
+    `item._nodeid`, which pytest 9 no longer reads, and would spread them over every worker."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationInOneWorker(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "integration" if nodeid.startswith("tests/integration/") else nodeid
+
+    return IntegrationInOneWorker(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
