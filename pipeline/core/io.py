@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
 # Transient S3 failures (503 SlowDown, dropped connections) are retried by botocore itself;
 # "adaptive" mode also rate-limits the client when the store asks it to slow down.
 _S3_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
+# A local write's temporary file, next to its target: `.<name>.<32 hex>.tmp`. Hidden and ending in
+# `.tmp`, so no glob of the final names (`metadata/*.parquet`, `shards/*.tar`) matches it, even
+# after a kill leaves it behind. Earlier versions named it `.tmp-<32 hex>-<name>`, which still
+# ended in the final extension: both shapes are recognised, so `verify --clean` removes either.
+_TEMPORARY_NAME = re.compile(r"\.(?:.+\.[0-9a-f]{32}\.tmp|tmp-[0-9a-f]{32}-.+)", re.DOTALL)
 
 
 def is_remote(uri: str) -> bool:
@@ -73,17 +79,31 @@ def is_remote_fs(fs: AbstractFileSystem) -> bool:
     return protocol not in ("file", "local")
 
 
+def temporary_path(path: str) -> str:
+    """Where `write_bytes` writes a local file before renaming it to `path`."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether a file name is a temporary file of `write_bytes` (or of an earlier version's)."""
+    return bool(_TEMPORARY_NAME.fullmatch(name))
+
+
 def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole object. An object-store PUT is atomic; local files are renamed into place.
 
-    Atomicity matters because readers (resume, verify) treat a file's presence as complete.
+    Atomicity matters because readers (resume, verify) treat a file's presence as complete. A
+    local write killed before its rename leaves its temporary file (`temporary_path`), which no
+    glob of the final names matches; `sdxl-batch verify --clean` removes it. s3fs makes no
+    temporary objects: an object appears when its PUT, or the completion of its multipart
+    upload (100 MiB and more), succeeds.
     """
     if is_remote_fs(fs):
         fs.pipe_file(path, data)
         return
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)

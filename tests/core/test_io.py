@@ -2,10 +2,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pydantic import SecretStr
 
 from pipeline.core.config import StorageConfig
-from pipeline.core.io import filesystem, full_uri, join, storage_options, write_bytes
+from pipeline.core.io import (
+    filesystem,
+    full_uri,
+    is_temporary_name,
+    join,
+    storage_options,
+    temporary_path,
+    write_bytes,
+)
 
 
 def test_storage_options_pass_only_what_is_set() -> None:
@@ -37,3 +46,34 @@ def test_file_uris_are_local(tmp_path: Path) -> None:
     fs, path = filesystem(f"file://{tmp_path}")
     assert path == str(tmp_path)
     assert full_uri(fs, path) == str(tmp_path)
+
+
+def test_a_killed_local_write_leaves_a_temporary_that_no_glob_of_final_names_matches(tmp_path: Path) -> None:
+    """duckdb and polars read every file a `metadata/*.parquet` glob matches, hidden ones too: a
+    temporary that kept the final extension failed them on its truncated bytes."""
+    fs, root = filesystem(str(tmp_path))
+    target = join(root, "metadata", "part-0123.parquet")
+    stale = Path(temporary_path(target))
+    stale.parent.mkdir()
+    stale.write_bytes(b"PAR1 truncated by a kill")  # the write that never reached its rename
+    write_bytes(fs, target, b"committed")
+    assert stale.parent == Path(target).parent and stale.name.startswith(".") and stale.name.endswith(".tmp")
+    assert [Path(p).name for p in fs.glob(join(root, "metadata", "*.parquet"))] == ["part-0123.parquet"]
+    assert list((tmp_path / "metadata").glob("*.parquet")) == [Path(target)]
+    assert is_temporary_name(stale.name) and not is_temporary_name("part-0123.parquet")
+
+
+def test_temporary_names_of_this_and_earlier_versions_are_recognised() -> None:
+    hex32 = "0123456789abcdef" * 2
+    assert is_temporary_name(f".part-1.parquet.{hex32}.tmp")
+    assert is_temporary_name(f".tmp-{hex32}-part-1.parquet")  # earlier versions
+    for name in ("part-1.parquet", ".hidden", "notes.tmp", f".x.{hex32[:8]}.tmp", f"tmp-{hex32}-a.tar", ".tmp"):
+        assert not is_temporary_name(name), name
+
+
+def test_a_failed_local_write_removes_its_temporary(tmp_path: Path) -> None:
+    fs, root = filesystem(str(tmp_path))
+    (tmp_path / "taken").mkdir()  # os.replace cannot put a file where a folder is
+    with pytest.raises(OSError):
+        write_bytes(fs, join(root, "taken"), b"payload")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
