@@ -63,7 +63,7 @@ def test_files_layout(tmp_path: Path) -> None:
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
         assert row["model"] == "tiny" and row["tar_member"] is None
     assert not (tmp_path.parent / "escape.png").exists()
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temporary left by write_bytes
 
 
 def test_rewriting_a_part_is_idempotent(tmp_path: Path) -> None:
