@@ -202,8 +202,17 @@ class WriteConfig(_Section):
     layout: Layout = Field(
         default="files",
         description=(
-            "`files`: `images/<shard>/<id>.<ext>`; `webdataset`: tar shards of `<id>.<ext>` + `<id>.json` "
-            "(fewer, larger objects on S3). Both write `metadata/part-*.parquet`."
+            "`files`: `images/<shard>/<key>.<ext>`; `webdataset`: tar shards of `<key>.<ext>` + `<key>.json` "
+            "(+ `<key>.txt`) per row (fewer, larger objects on S3). Both write `metadata/part-*.parquet`; "
+            "`<key>` is the row's id, or a dot-free hashed name for ids webdataset readers would split "
+            "(docs/output.md)."
+        ),
+    )
+    captions: bool = Field(
+        default=True,
+        description=(
+            "webdataset layout: write each row's prompt as `<key>.txt`, the caption that img2dataset-style "
+            "loaders (open_clip's) require. The prompt is in `<key>.json` either way."
         ),
     )
     rows_per_part: int = Field(

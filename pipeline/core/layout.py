@@ -4,19 +4,23 @@
       job.json                          the job's record (config, manifest files, fingerprint)
       metadata/part-<digest>.parquet    one per committed part, written last: the ledger of done rows
       stats/part-<digest>.json          the part's measurements, written just before its metadata part
-      images/<shard>/<name>.<ext>       the files layout: one object per image
-      shards/part-<digest>.tar          the webdataset layout: one tar per part
+      images/<shard>/<key>.<ext>        the files layout: one object per image
+      shards/part-<digest>.tar          the webdataset layout: one tar per part, <key>.<ext|json|txt> members
       rejects/<manifest file>.parquet   bad rows (`on_bad_row: skip`)
       stats.json                        the job's statistics, written when it ends
       report.html                       `sdxl-batch report`
+      README.md                         a Hugging Face dataset card: `datasets.load_dataset(OUTPUT)` reads it
+      metadata.parquet                  the files layout's `file_name` index for Hugging Face's imagefolder
+      shards.txt                        the committed tars, one per line, in name order (webdataset)
       grids/, compare.md                `sdxl-batch compare`
 
-Row names: ids come from other teams' scripts: they may hold `/`, `..`, URL-encoded or look-alike
-separators, control characters or thousands of characters. An id that is already a short run of
-`[A-Za-z0-9._-]` (not starting with `.`) is used as is, so common ids stay readable; any other id
-keeps a readable, sanitised prefix plus a hash of the original id, so two different ids can never
-map to the same name. A readable id shaped like such a name (ending in `-` and 16 hex digits) is
-hashed too, since it could otherwise take the name of another id (`a/b` and `a_b-<its hash>`).
+Row keys: ids come from other teams' scripts: they may hold `/`, `..`, dots, URL-encoded or
+look-alike separators, control characters or thousands of characters. An id that is already a short
+run of `[A-Za-z0-9_-]` is its own key, so common ids stay readable; any other id keeps a readable,
+sanitised prefix plus a hash of the original id, so two different ids can never map to the same
+key. A readable id shaped like such a key (ending in `-` and 16 hex digits) is hashed too, since it
+could otherwise take the key of another id (`a/b` and `a_b-<its hash>`). Keys have no dots because
+webdataset readers split a tar member's name at the first dot of its basename (`<key>.<field>`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import json
 import logging
 import re
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from pipeline.core.errors import StorageError
 from pipeline.core.io import full_uri, join, read_bytes, write_bytes
@@ -45,16 +51,39 @@ SHARDS_DIR = "shards"
 REJECTS_DIR = "rejects"
 GRIDS_DIR = "grids"
 COMPARE_FILE = "compare.md"
+DATASET_CARD = "README.md"
+IMAGEFOLDER_INDEX = "metadata.parquet"
+SHARD_LIST = "shards.txt"
 # Everything a job or `compare` writes: what `--overwrite` clears, and nothing else.
 OUTPUT_ENTRIES = (
-    METADATA_DIR, STATS_DIR, IMAGES_DIR, SHARDS_DIR, REJECTS_DIR, GRIDS_DIR, STATS_FILE, JOB_RECORD, COMPARE_FILE
+    METADATA_DIR, STATS_DIR, IMAGES_DIR, SHARDS_DIR, REJECTS_DIR, GRIDS_DIR, STATS_FILE, JOB_RECORD, COMPARE_FILE,
+    DATASET_CARD, IMAGEFOLDER_INDEX, SHARD_LIST,
 )  # fmt: skip
 # File extension of each image format.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+# The columns every metadata part starts with, in order; the manifest's other columns follow, with
+# the types the job planned for them (`metadata_schema`; plan.schema explains why one schema).
+METADATA_FIELDS = pa.schema([
+    ("id", pa.string()), ("key", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+    ("seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32()), ("steps", pa.int32()),
+    ("guidance_scale", pa.float64()), ("model", pa.string()), ("scheduler", pa.string()),
+    ("weights", pa.string()), ("image_path", pa.string()), ("tar_member", pa.string()), ("sha256", pa.string()),
+    ("bytes", pa.int64()), ("prompt_tokens", pa.int32()), ("prompt_truncated", pa.bool_()),
+    ("negative_prompt_truncated", pa.bool_()), ("render_batch_size", pa.int32()),
+    ("generation_seconds", pa.float64()), ("encode_seconds", pa.float64()), ("peak_memory_mb", pa.float64()),
+    ("node", pa.string()), ("actor", pa.string()),
+])  # fmt: skip
+
+
+def metadata_schema(passthrough: pa.Schema) -> pa.Schema:
+    """The schema of every metadata part of a job whose manifest passes `passthrough` through."""
+    return pa.schema([*METADATA_FIELDS, *passthrough])
+
 
 _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-_HASHED_SHAPE = re.compile(r"(?:.*-)?[0-9a-f]{16}")  # every name `safe_name` builds from a hash
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_HASHED_SHAPE = re.compile(r"(?:.*-)?[0-9a-f]{16}")  # every name `_hashed_name` builds
 SHARD_HEX_DIGITS = 2
 
 
@@ -62,12 +91,24 @@ def id_digest(row_id: str) -> str:
     return hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def safe_name(row_id: str) -> str:
-    """A file-name stem for `row_id`: no separators, no dot-only names, at most 120 characters."""
-    if _SAFE.fullmatch(row_id) and ".." not in row_id and not _HASHED_SHAPE.fullmatch(row_id):
+def safe_name(name: str) -> str:
+    """A file-name stem for `name`: no separators, no dot-only names, at most 120 characters."""
+    if _SAFE.fullmatch(name) and ".." not in name and not _HASHED_SHAPE.fullmatch(name):
+        return name
+    return _hashed_name(name)
+
+
+def sample_key(row_id: str) -> str:
+    """A row's key: the stem of its image (files layout) and of its tar members (webdataset);
+    `[A-Za-z0-9_-]`, at most 120 characters, never a dot (see the module docstring)."""
+    if _KEY.fullmatch(row_id) and not _HASHED_SHAPE.fullmatch(row_id):
         return row_id
-    readable = _UNSAFE_CHARS.sub("_", row_id)[:80].strip("_")
-    digest = id_digest(row_id)[:16]
+    return _hashed_name(row_id)
+
+
+def _hashed_name(name: str) -> str:
+    readable = _UNSAFE_CHARS.sub("_", name)[:80].strip("_")
+    digest = id_digest(name)[:16]
     return f"{readable}-{digest}" if readable else digest
 
 
@@ -82,7 +123,7 @@ def shard_of(row_id: str) -> str:
 
 
 def image_relpath(row_id: str, ext: str) -> str:
-    return f"{IMAGES_DIR}/{shard_of(row_id)}/{safe_name(row_id)}.{ext}"
+    return f"{IMAGES_DIR}/{shard_of(row_id)}/{sample_key(row_id)}.{ext}"
 
 
 def part_name(ids: list[str]) -> str:

@@ -2,8 +2,16 @@
 
 Unit of commit: one *part* of up to `write.rows_per_part` rows. Its images (or its tar shard in
 the webdataset layout) are written first and `metadata/part-<digest>.parquet` last, atomically.
-A row is done exactly when a metadata part lists it; an image without a metadata row is an
-orphan of an interrupted part and is simply overwritten when the row is rendered again.
+A row is done exactly when a metadata part lists it. An image or tar that no metadata part lists
+is an orphan of an interrupted part: an image is overwritten when its row is rendered again, but
+a tar is named after its rows, so a resumed job that groups them differently leaves it behind;
+`sdxl-batch verify` counts orphans and `verify --clean` removes them.
+
+Every part has the job's one metadata schema (`layout.metadata_schema`: the fixed columns, then
+the manifest's pass-through columns as planned), so readers can glob the parts. In the webdataset
+layout each row is three tar members sharing its key (`layout.sample_key`, never a dot):
+`<key>.<ext>` (the image), `<key>.json` (its metadata row) and `<key>.txt` (the prompt, the
+caption img2dataset-style loaders expect; `write.captions`).
 
 The part name is a digest of its sorted ids, so a retried part (Ray re-running a task after a
 worker died) writes the same objects under the same names instead of a duplicate.
@@ -21,28 +29,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import StorageError
 from pipeline.core.io import filesystem, is_remote_fs, join, write_bytes
 from pipeline.core.layout import (
     EXTENSIONS,
+    METADATA_FIELDS,
     image_relpath,
     metadata_path,
+    metadata_schema,
     part_name,
     part_stats_path,
-    safe_name,
+    sample_key,
     shard_relpath,
 )
 from pipeline.output.stats import PartStats, merge_telemetry
+from pipeline.plan.schema import conform
 
-# Leading metadata columns, in order; pass-through manifest columns follow.
-METADATA_COLUMNS = (
-    "id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
-    "model", "scheduler", "weights", "image_path", "tar_member", "sha256", "bytes",
-    "prompt_tokens", "prompt_truncated", "negative_prompt_truncated", "render_batch_size",
-    "generation_seconds", "encode_seconds", "peak_memory_mb", "node", "actor",
-)  # fmt: skip
 TELEMETRY = "telemetry"  # the generator's batch records (PartStats JSON): merged into the part's stats
 
 
@@ -58,11 +63,26 @@ class ModelInfo:
 class PartWriter:
     """Writes one part of encoded rows under an output prefix (local or object store)."""
 
-    def __init__(self, *, output: str, layout: str, image_format: str, model: ModelInfo, storage: Any = None):
+    def __init__(
+        self,
+        *,
+        output: str,
+        layout: str,
+        image_format: str,
+        model: ModelInfo,
+        storage: Any = None,
+        schema: pa.Schema | None = None,
+        captions: bool = True,
+    ):
+        """`schema`: the job's metadata schema (`layout.metadata_schema` of the planned pass-through
+        columns); None takes the pass-through columns as each batch has them (tests, tools).
+        `captions`: write `<key>.txt` with the prompt into tars."""
         self.fs, self.root = filesystem(output, storage)
         self.layout = layout
         self.ext = EXTENSIONS[image_format]
         self.model = model
+        self.schema = schema
+        self.captions = captions
 
     def write(self, batch: pa.Table) -> PartStats:
         """Commit one part. Transient object-store errors are retried by botocore; an error that
@@ -105,16 +125,20 @@ class PartWriter:
         batch = batch.append_column("model", pa.array([self.model.model] * n, pa.string()))
         batch = batch.append_column("scheduler", pa.array([self.model.scheduler] * n, pa.string()))
         batch = batch.append_column("weights", pa.array([self.model.weights] * n, pa.string()))
+        keys = [sample_key(i) for i in ids]
+        batch = batch.append_column("key", pa.array(keys, pa.string()))
         if self.layout == "webdataset":
             paths = [shard_relpath(name)] * n
-            members: list[str | None] = [f"{safe_name(i)}.{self.ext}" for i in ids]
+            members: list[str | None] = [f"{key}.{self.ext}" for key in keys]
         else:
             paths = [image_relpath(i, self.ext) for i in ids]
             members = [None] * n
         batch = batch.append_column("image_path", pa.array(paths, pa.string()))
         batch = batch.append_column("tar_member", pa.array(members, pa.string()))
-        leading = [c for c in METADATA_COLUMNS if c in batch.column_names]
-        return batch.select(leading + [c for c in batch.column_names if c not in leading])
+        schema = self.schema
+        if schema is None:
+            schema = metadata_schema(pa.schema([f for f in batch.schema if f.name not in METADATA_FIELDS.names]))
+        return conform(batch, schema)
 
     def _write_files(self, relpaths: list[str], images: list[bytes]) -> None:
         targets = {join(self.root, rel): data for rel, data in zip(relpaths, images, strict=True)}
@@ -131,9 +155,11 @@ class PartWriter:
         rows = table.to_pylist()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for row, data in zip(rows, images, strict=True):
-                stem = safe_name(row["id"])
-                sidecar = json.dumps(row, default=str, ensure_ascii=False).encode()
-                for member, payload in ((f"{stem}.{self.ext}", data), (f"{stem}.json", sidecar)):
+                key = row["key"]
+                members = [(f"{key}.{self.ext}", data), (f"{key}.json", _json_bytes(row))]
+                if self.captions:
+                    members.append((f"{key}.txt", row["prompt"].encode()))
+                for member, payload in members:
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime = len(payload), 0
                     tar.addfile(info, io.BytesIO(payload))
@@ -143,23 +169,29 @@ class PartWriter:
     def _summary(name: str, table: pa.Table) -> PartStats:
         """The part's figures that its metadata holds, row by row."""
 
-        def total(column: str) -> float:
-            return float(sum(table.column(column).to_pylist()))
+        def total(column: str) -> float:  # a column a batch lacked is all nulls (tools, older inputs)
+            return float(pc.sum(table.column(column)).as_py() or 0)
 
-        def count(flag: str) -> int:  # a flag column of older inputs may be missing
-            return int(total(flag)) if flag in table.column_names else 0
+        def count(flag: str) -> int:
+            return int(pc.sum(pc.cast(table.column(flag), pa.int64())).as_py() or 0)
 
-        sizes = table.column("render_batch_size").to_pylist() if "render_batch_size" in table.column_names else []
+        sizes = pc.min(table.column("render_batch_size")).as_py()
         return PartStats(
             part=name,
             rows=table.num_rows,
             bytes=int(total("bytes")),
             generation_seconds=total("generation_seconds"),
             encode_seconds=total("encode_seconds"),
-            peak_memory_mb=float(max(table.column("peak_memory_mb").to_pylist(), default=0.0)),
+            peak_memory_mb=float(pc.max(table.column("peak_memory_mb")).as_py() or 0.0),
             prompts_truncated=count("prompt_truncated"),
             negative_prompts_truncated=count("negative_prompt_truncated"),
-            min_render_batch_size=int(min(sizes, default=0)),
+            min_render_batch_size=int(sizes or 0),
             actors=Counter(table.column("actor").to_pylist()),
             nodes=Counter(table.column("node").to_pylist()),
         )
+
+
+def _json_bytes(row: dict[str, Any]) -> bytes:
+    """A metadata row as the `.json` member: every column, nulls included, so a reader that types
+    the json from the first samples sees each field with its value or null, never missing."""
+    return json.dumps(row, default=str, ensure_ascii=False).encode()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
 from pipeline.core.io import filesystem, full_uri, join, write_bytes
-from pipeline.core.layout import JOB_RECORD, REJECTS_DIR, STATS_FILE, read_json, safe_name
+from pipeline.core.layout import JOB_RECORD, METADATA_FIELDS, REJECTS_DIR, STATS_FILE, read_json, safe_name
 from pipeline.models.presets import Preset, check_job_settings, get_preset
-from pipeline.plan.ledger import check_fingerprint, read_done_ids, settings_fingerprint
+from pipeline.plan.ledger import check_fingerprint, read_committed_schema, read_done_ids, settings_fingerprint
 from pipeline.plan.manifest import ManifestPlan, plan_manifest, rules_for
+from pipeline.plan.schema import resume_passthrough
 from pipeline.plan.settings import SettingDefaults
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class JobPlan:
     fingerprint: dict[str, Any]
     output: str
     previous_stats: dict[str, Any] | None = None
+    # The manifest's pass-through columns as every metadata part has them (plan.schema).
+    passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
     @property
     def pending(self) -> np.ndarray:
@@ -159,9 +162,11 @@ def plan_job(config: JobConfig, *, overwrite: bool = False) -> JobPlan:
     fingerprint = settings_fingerprint(config)
     previous_stats = None
     done = pa.chunked_array([], pa.string())
+    committed = None
     try:
         if not overwrite:
             done = read_done_ids(config)
+            committed = read_committed_schema(config)
             previous = read_json(fs, join(root, JOB_RECORD))
             if len(done):
                 check_fingerprint((previous or {}).get("fingerprint"), fingerprint, output)
@@ -169,6 +174,7 @@ def plan_job(config: JobConfig, *, overwrite: bool = False) -> JobPlan:
                 previous_stats = read_json(fs, join(root, STATS_FILE))
     except (OSError, pa.ArrowInvalid) as error:
         raise StorageError(f"cannot read the output {output}: {type(error).__name__}: {error}") from None
+    passthrough = resume_passthrough(manifest.passthrough, committed, fixed=METADATA_FIELDS, output=output)
     finished = (
         pc.is_in(manifest.ids, value_set=done.combine_chunks()).to_numpy(zero_copy_only=False)
         if len(done)
@@ -184,6 +190,7 @@ def plan_job(config: JobConfig, *, overwrite: bool = False) -> JobPlan:
         fingerprint=fingerprint,
         output=output,
         previous_stats=previous_stats,
+        passthrough=passthrough,
     )
 
 

@@ -41,6 +41,17 @@ def read_done_ids(config: JobConfig) -> pa.ChunkedArray:
     return dataset.to_table(columns=["id"]).column("id").cast(pa.string())
 
 
+def read_committed_schema(config: JobConfig) -> pa.Schema | None:
+    """The schema of the output's committed metadata parts (one part's footer: every part of an
+    output has the same, and `verify` checks it), or None when none is committed."""
+    fs, root = filesystem(config.output, config.storage)
+    folder = join(root, METADATA_DIR)
+    if not fs.exists(folder):
+        return None
+    dataset = pads.dataset(folder, format="parquet", filesystem=fs)
+    return dataset.schema if dataset.files else None
+
+
 def settings_fingerprint(config: JobConfig) -> dict[str, Any]:
     """The settings that determine every image of an output; two runs into one output must agree."""
     preset = get_preset(config.model.preset)

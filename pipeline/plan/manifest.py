@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
 from pipeline.core.io import filesystem, full_uri
+from pipeline.plan.schema import PassthroughSchema
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 SEED_LIMIT = 2**63
 REQUIRED_COLUMNS = ("prompt", "seed")
 OPTIONAL_COLUMNS = ("id", "negative_prompt", "width", "height", "steps", "guidance_scale")
+# A read slice's own columns, in order; the pass-through columns follow (plan.schema).
+COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
 # Columns the output metadata adds; a manifest column of the same name would be ambiguous.
 RESERVED_COLUMNS = (
     "model",
@@ -63,6 +66,7 @@ RESERVED_COLUMNS = (
     "actor",
     "pixels",
     "image",
+    "key",
 )
 _GLOB_CHARS = "*?["
 
@@ -426,7 +430,7 @@ def normalize(table: pa.Table, fragment: Fragment) -> pa.Table:
     if "id" not in table.column_names:
         table = table.add_column(0, "id", derive_ids(fragment.relpath, fragment.row_offset, table.num_rows))
     columns, names = [], []
-    for name in ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale"):
+    for name in COLUMNS:
         if name in table.column_names:
             columns.append(pc.cast(table.column(name), _TARGET_TYPES[name]))
         else:
@@ -511,6 +515,7 @@ class ManifestPlan:
     problem_count: int = 0
     problem_columns: Counter[str] = field(default_factory=Counter)
     setting_values: pa.Table = field(repr=False, default_factory=lambda: pa.table({}))
+    passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))  # plan.schema: one type per column
 
     @property
     def good_rows(self) -> int:
@@ -580,6 +585,7 @@ def plan_manifest(
     id_chunks: list[pa.Array] = []
     rejected_chunks: list[np.ndarray] = []
     problems = _Problems(keep_problems)
+    passthrough = PassthroughSchema()
     setting_chunks: list[pa.Table] = []
     file_uris, file_starts = [], []
     total = 0
@@ -591,6 +597,7 @@ def plan_manifest(
         with _open_parquet(fs, path, file_uri) as parquet:
             schema = parquet.schema_arrow
             check_schema(schema, file_uri)
+            passthrough.add(schema, known=COLUMNS, uri=file_uri)
             columns = [c for c in ("id", "prompt", "seed", *SETTING_COLUMNS) if c in schema.names]
             offset = 0
             for index in range(parquet.metadata.num_row_groups):
@@ -640,6 +647,7 @@ def plan_manifest(
         problem_count=problems.count,
         problem_columns=problems.by_column,
         setting_values=pa.concat_tables(setting_chunks),
+        passthrough=passthrough.schema(),
     )
 
 

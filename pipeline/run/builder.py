@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
+from pipeline.core.layout import metadata_schema
 from pipeline.models.presets import get_preset
 from pipeline.output.stats import job_label
 from pipeline.output.writer import ModelInfo
@@ -85,11 +88,15 @@ def generator_kwargs(config: JobConfig) -> dict[str, Any]:
     }
 
 
-def read_stage(config: JobConfig) -> ReadManifest:
-    """The reader, with the job's setting defaults and the preset's limits for a row's own values."""
+def read_stage(config: JobConfig, passthrough: pa.Schema) -> ReadManifest:
+    """The reader, with the job's setting defaults, the preset's limits for a row's own values and
+    the planned types of the manifest's pass-through columns."""
     preset = get_preset(config.model.preset)
     return ReadManifest(
-        storage=config.storage, defaults=SettingDefaults.from_config(config.generation, preset), rules=rules_for(preset)
+        storage=config.storage,
+        defaults=SettingDefaults.from_config(config.generation, preset),
+        rules=rules_for(preset),
+        passthrough=passthrough,
     )
 
 
@@ -97,7 +104,7 @@ def encode_stage(config: JobConfig) -> EncodeImages:
     return EncodeImages(image_format=config.generation.image_format, quality=config.generation.image_quality)
 
 
-def write_stage(config: JobConfig) -> WriteParts:
+def write_stage(config: JobConfig, passthrough: pa.Schema) -> WriteParts:
     return WriteParts(
         output=config.output,
         layout=config.write.layout,
@@ -105,6 +112,8 @@ def write_stage(config: JobConfig) -> WriteParts:
         model=model_info(config),
         storage=config.storage,
         job=job_label(config.output),
+        schema=metadata_schema(passthrough),
+        captions=config.write.captions,
     )
 
 
@@ -118,22 +127,24 @@ def _remote_args_allowed() -> Iterator[None]:
         yield
 
 
-def build_dataset(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
+def build_dataset(
+    config: JobConfig, tasks: list[dict[str, Any]], *, passthrough: pa.Schema | None = None
+) -> ray.data.Dataset:
     """The graph over read `tasks` (a manifest `Fragment`'s fields plus `skip`: the indices inside
     it that are done or rejected, dropped in the read stage). `config` has its placement resolved
-    (`runner.resolve_resources`)."""
+    (`runner.resolve_resources`); `passthrough`: the manifest's other columns, as planned."""
     with _remote_args_allowed():
-        return _graph(config, tasks)
+        return _graph(config, tasks, pa.schema([]) if passthrough is None else passthrough)
 
 
-def _graph(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
+def _graph(config: JobConfig, tasks: list[dict[str, Any]], passthrough: pa.Schema) -> ray.data.Dataset:
     import ray.data
 
     resources = config.resources
     tasks_retry = retry_bounds(resources, actor=False)
     dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     dataset = dataset.map_batches(
-        read_stage(config), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
+        read_stage(config, passthrough), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
     )
     dataset = dataset.map_batches(
         GenerateImages,
@@ -154,7 +165,7 @@ def _graph(config: JobConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
         **tasks_retry,
     )
     return dataset.map_batches(
-        write_stage(config),
+        write_stage(config, passthrough),
         batch_size=config.write.rows_per_part,
         batch_format="pyarrow",
         num_cpus=WRITE_CPUS,

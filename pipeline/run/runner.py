@@ -160,7 +160,7 @@ def run_job(
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
         init_ray(ray_address, metrics_port=metrics_port)
         config = resolve_resources(config)
-        _execute(config, pending_slices(job, config), remaining, stats, progress=progress)
+        _execute(config, pending_slices(job, config), remaining, stats, progress=progress, passthrough=job.passthrough)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
     extra = _job_settings(job, config, rejects=len(rejects)) | {"started_at": started_at, "finished_at": _now()}
@@ -221,9 +221,10 @@ def _execute(
     stats: JobStats,
     *,
     progress: bool,
+    passthrough: pa.Schema,
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
-    dataset = build_dataset(config, tasks)
+    dataset = build_dataset(config, tasks, passthrough=passthrough)
     with _progress_bar(remaining, enabled=progress) as bar, watch_failed_stage() as failed:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -18,7 +18,8 @@ import pyarrow as pa
 from pipeline.core.errors import SdxlBatchError
 from pipeline.output.stats import Call, PartStats
 from pipeline.output.writer import TELEMETRY, ModelInfo, PartWriter
-from pipeline.plan.manifest import Fragment, RowRules, read_fragment
+from pipeline.plan.manifest import COLUMNS, Fragment, RowRules, read_fragment
+from pipeline.plan.schema import conform
 from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
 from pipeline.run.encoding import encode_batch
 from pipeline.run.telemetry import JobMetrics, UtilizationSampler, nvml_reader
@@ -45,10 +46,20 @@ class ReadManifest:
 
     needs = (*(f.name for f in fields(Fragment)), "skip")  # every field: a slice without `start` re-reads row 0
 
-    def __init__(self, *, storage: StorageConfig, defaults: SettingDefaults, rules: RowRules):
+    def __init__(
+        self,
+        *,
+        storage: StorageConfig,
+        defaults: SettingDefaults,
+        rules: RowRules,
+        passthrough: pa.Schema | None = None,
+    ):
+        """`passthrough`: the planned types of the manifest's other columns (plan.schema); every
+        slice is conformed to it, so all blocks share one schema. None keeps them as read."""
         self.storage = storage
         self.defaults = defaults
         self.rules = rules
+        self.passthrough = passthrough
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("read", batch, self.needs)
@@ -57,8 +68,8 @@ class ReadManifest:
             skip = row.pop("skip") or []
             fragment = Fragment(**row)
             # Done rows (resume) and rejected rows never reach a GPU.
-            table = read_fragment(fragment, self.storage, rules=self.rules, reject=skip)
-            tables.append(fill_settings(table, self.defaults))
+            table = fill_settings(read_fragment(fragment, self.storage, rules=self.rules, reject=skip), self.defaults)
+            tables.append(table if self.passthrough is None else conform(table, self.passthrough, keep=COLUMNS))
         return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -279,12 +290,29 @@ class WriteParts:
     )
 
     def __init__(
-        self, *, output: str, layout: str, image_format: str, model: ModelInfo, storage: StorageConfig, job: str
+        self,
+        *,
+        output: str,
+        layout: str,
+        image_format: str,
+        model: ModelInfo,
+        storage: StorageConfig,
+        job: str,
+        schema: pa.Schema | None = None,
+        captions: bool = True,
     ):
         self.job = job
         self.model_name = model.model
         self.metrics: JobMetrics | None = None  # created in the worker (Ray metrics live there)
-        self.writer = PartWriter(output=output, layout=layout, image_format=image_format, model=model, storage=storage)
+        self.writer = PartWriter(
+            output=output,
+            layout=layout,
+            image_format=image_format,
+            model=model,
+            storage=storage,
+            schema=schema,
+            captions=captions,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("write", batch, self.needs)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core.layout import part_name
+from pipeline.core.layout import metadata_schema, part_name
 from pipeline.output.writer import ModelInfo, PartWriter
 
 
@@ -56,8 +56,8 @@ def test_files_layout(tmp_path: Path) -> None:
     parts = list((tmp_path / "metadata").glob("part-*.parquet"))
     assert [p.stem for p in parts] == [part_name(ids)]
     table = pq.read_table(parts[0])
-    assert table.column_names[:3] == ["id", "prompt", "negative_prompt"]
-    assert "note" in table.column_names and "image" not in table.column_names
+    assert table.schema == metadata_schema(pa.schema([("note", pa.string())]))  # fixed columns, then the manifest's
+    assert "image" not in table.column_names
     for row in table.to_pylist():
         data = (tmp_path / row["image_path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
@@ -81,10 +81,37 @@ def test_webdataset_layout(tmp_path: Path) -> None:
     assert {r["image_path"] for r in rows} == {f"shards/{part_name(ids)}.tar"}
     with tarfile.open(tmp_path / rows[0]["image_path"]) as tar:
         names = tar.getnames()
-        assert names == ["x-1.png", "x-1.json", "y-2.png", "y-2.json"]
+        assert names == ["x-1.png", "x-1.json", "x-1.txt", "y-2.png", "y-2.json", "y-2.txt"]
+        assert tar.extractfile("y-2.txt").read() == b"prompt y-2"  # type: ignore[union-attr]
         for row in rows:
             member = tar.extractfile(row["tar_member"])
             assert member is not None
             assert hashlib.sha256(member.read()).hexdigest() == row["sha256"]
         sidecar = json.load(io.BytesIO(tar.extractfile("x-1.json").read()))  # type: ignore[union-attr]
         assert sidecar["prompt"] == "prompt x-1" and sidecar["note"] == "pass-through"
+        assert sidecar["key"] == "x-1" and sidecar.keys() == set(table.column_names)
+
+
+def test_captions_can_be_switched_off(tmp_path: Path) -> None:
+    writer = PartWriter(
+        output=str(tmp_path), layout="webdataset", image_format="png", model=ModelInfo("tiny", "Euler"), captions=False
+    )
+    writer.write(_encoded_batch(["a"]))
+    with tarfile.open(next((tmp_path / "shards").glob("*.tar"))) as tar:
+        assert tar.getnames() == ["a.png", "a.json"]
+
+
+def test_parts_take_the_planned_schema(tmp_path: Path) -> None:
+    """A batch without a planned column gets it as typed nulls; a narrower type is widened; ids
+    with dots get dot-free keys (webdataset splits member names at the first dot)."""
+    planned = metadata_schema(pa.schema([("note", pa.large_string()), ("score", pa.float64())]))
+    writer = PartWriter(
+        output=str(tmp_path), layout="webdataset", image_format="png", model=ModelInfo("tiny", "Euler"), schema=planned
+    )
+    writer.write(_encoded_batch(["img.0001", "UPPER.Case"]))
+    table = pq.read_table(next((tmp_path / "metadata").glob("*.parquet")))
+    assert table.schema == planned
+    assert table.column("score").null_count == 2
+    keys = table.column("key").to_pylist()
+    assert all("." not in key for key in keys) and len(set(keys)) == 2
+    assert table.column("tar_member").to_pylist() == [f"{key}.png" for key in keys]

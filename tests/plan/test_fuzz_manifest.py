@@ -40,6 +40,7 @@ from pipeline.plan.manifest import (
     read_fragment,
     rules_for,
 )
+from pipeline.plan.schema import conform
 from pipeline.plan.settings import group_by_settings
 from pipeline.run.runner import pending_slices
 from pipeline.run.stages import ReadManifest
@@ -297,7 +298,34 @@ def schema_problem(files: list[FileSpec]) -> str | None:
                 return "reserved column"
     if sum(len(spec.columns[0][2]) for spec in files) == 0:
         return "no rows"
+    seen: dict[str, str] = {}
+    for spec in files:
+        for name, kind, _ in spec.columns:
+            if name in KNOWN:
+                continue
+            if name in seen and not joinable(seen[name], kind):
+                return "pass-through types that no type holds"
+            seen.setdefault(name, kind)
     return None
+
+
+# What each kind's values are, for the pass-through columns: a lossless join exists exactly when
+# one type holds every value of both kinds.
+INT_RANGES = {k: (-(2 ** (t.bit_width - 1)), 2 ** (t.bit_width - 1) - 1) if pa.types.is_signed_integer(t)
+              else (0, 2**t.bit_width - 1) for k, t in INT_TYPES.items()}  # fmt: skip
+
+
+def joinable(a: str, b: str) -> bool:
+    a, b = ("string" if k == "dictionary<string>" else k for k in (a, b))
+    if a == b or "null" in (a, b) or {a, b} <= set(STRING_TYPES) or {a, b} <= set(FLOAT_TYPES):
+        return True
+    if {a, b} <= set(INT_TYPES):  # some int64 or narrower type holds both ranges
+        low, high = min(INT_RANGES[a][0], INT_RANGES[b][0]), max(INT_RANGES[a][1], INT_RANGES[b][1])
+        return low >= -(2**63) and high <= 2**63 - 1
+    if (a in INT_TYPES and b in FLOAT_TYPES) or (b in INT_TYPES and a in FLOAT_TYPES):  # float64 holds |n| < 2**53
+        low, high = INT_RANGES[a if a in INT_TYPES else b]
+        return low >= -(2**53) and high <= 2**53
+    return False
 
 
 def _bad_text(value: Any) -> bool:
@@ -398,12 +426,24 @@ def check_slices(plan: ManifestPlan, files: list[FileSpec], root: Path, rows_per
                     assert got["width"] % 8 == 0
                 if got["guidance_scale"] is not None:
                     assert math.isfinite(got["guidance_scale"])
+            conformed = conform(table, plan.passthrough, keep=KNOWN)
+            assert conformed.column_names == [*KNOWN, *plan.passthrough.names]
             for name in table.column_names[8:]:
                 source = spec.array(name).take(pa.array(positions, pa.int64()))
                 assert repr(table.column(name).to_pylist()) == repr(source.to_pylist())
+                assert _same_values(conformed.column(name).to_pylist(), source.to_pylist())  # lossless
+            for name in set(plan.passthrough.names) - set(table.column_names):
+                assert conformed.column(name).null_count == table.num_rows
     expected = [i for i, keep in zip(plan.ids.to_pylist(), kept, strict=True) if keep]
     assert read_ids == expected
     assert len(set(read_ids)) == len(read_ids) and None not in read_ids
+
+
+def _same_values(a: list[Any], b: list[Any]) -> bool:
+    def norm(v: Any) -> Any:
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+    return [norm(v) for v in a] == [norm(v) for v in b]
 
 
 def check_plan(plan: ManifestPlan, files: list[FileSpec], root: Path, keep: bool, rules: RowRules) -> None:
