@@ -126,6 +126,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before anything imports huggingface_hub, which reads these once.
     os.environ["HF_HUB_CACHE"] = str(_TINY_HUB)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # Hugging Face datasets (tests/output/test_readers.py) caches what it loads: not in ~/.cache.
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_CACHE"] = str(_TINY_HUB / "datasets-cache")
     # Ray 2.60 authenticates with a token; every Ray the tests start (embedded by the CLI or with
     # `ray start`) listens on loopback only.
     os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -50,6 +50,12 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     verify.add_argument("output", help="output prefix to check (local or s3://)")
     verify.add_argument("--manifest", help="also check that exactly the manifest's ids are present")
     verify.add_argument("--config", help="a job config, for its storage options")
+    verify.add_argument(
+        "--clean",
+        action="store_true",
+        help="remove the objects of interrupted parts (tars, images, stats records, temporary files that no "
+        "committed part lists); never while a job writes into the output. Every job's end does the same.",
+    )
     verify.set_defaults(handler=cmd_verify)
 
 
@@ -97,6 +103,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.output.verify import verify_output
 
-    report = verify_output(args.output, manifest=args.manifest, storage=storage_config(args))
+    report = verify_output(args.output, manifest=args.manifest, storage=storage_config(args), clean=args.clean)
     print(report.summary())
     return 0 if report.ok else 1

@@ -10,7 +10,9 @@ import os
 import posixpath
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 
@@ -107,6 +109,35 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """A file to stream a large object into, which appears under `path` only when the block
+    ends without an error: local files through a temporary and a rename (as `write_bytes`), an
+    object store's multipart upload, which completes when the file is closed."""
+    if is_remote_fs(fs):
+        remote = fs.open(path, "wb")
+        try:
+            yield remote
+        except BaseException:
+            # fsspec's own `with` would close, so commit, a partial object: abort the upload.
+            if hasattr(remote, "discard"):
+                remote.discard()
+            remote.closed = True
+            raise
+        remote.close()
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

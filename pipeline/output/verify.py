@@ -1,15 +1,17 @@
 """`sdxl-batch verify`: check an output against the exactly-once contract.
 
 Every metadata row must point to an image that exists and whose sha256 and size match; no id
-may appear twice; with a manifest, every manifest id must be present and no other. Images that
-no metadata row lists are orphans of interrupted parts: counted and reported, never counted as
-output.
+may appear twice; every metadata part must have the same schema (readers glob them); with a
+manifest, every manifest id must be present and no other. Objects that no committed part lists
+(images, tars, stats records, temporary files of interrupted writes) are orphans of interrupted
+parts (`output.orphans`): counted and reported, never counted as output; `clean` removes them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import tarfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.core.io import filesystem, join
-from pipeline.core.layout import IMAGES_DIR, METADATA_DIR, REJECTS_DIR
+from pipeline.core.layout import REJECTS_DIR, committed_parts
+from pipeline.output.orphans import Orphans, find_orphans, remove_orphans
 from pipeline.plan.manifest import ManifestPlan, plan_manifest
 
 if TYPE_CHECKING:
@@ -36,7 +40,8 @@ class VerifyReport:
     rows: int = 0
     parts: int = 0
     checked_images: int = 0
-    orphan_images: int = 0
+    orphans: Orphans = field(default_factory=Orphans)
+    cleaned: bool = False
     manifest_rows: int | None = None
     rejected_rows: int = 0
     problems: list[str] = field(default_factory=list)
@@ -56,7 +61,8 @@ class VerifyReport:
         lines = [
             f"rows in metadata: {self.rows} in {self.parts} parts",
             f"images checked:   {self.checked_images} (sha256 and size)",
-            f"orphan images:    {self.orphan_images} (from interrupted parts; not counted)",
+            f"orphans:          {self.orphans.describe()}: from interrupted parts, not counted"
+            + ("; removed" if self.cleaned else "; `verify --clean` removes them" if self.orphans.count else ""),
         ]
         if self.manifest_rows is not None:
             lines.append(f"manifest rows:    {self.manifest_rows}")
@@ -136,14 +142,37 @@ def _rejected_mask(fs: Any, root: str, plan: ManifestPlan) -> np.ndarray:
     return mask
 
 
-def verify_output(output: str, *, manifest: str | None = None, storage: StorageConfig | None = None) -> VerifyReport:
+def _check_schemas(fs: Any, paths: list[str], report: VerifyReport) -> None:
+    """Every part must have the first part's schema: globbing readers (DuckDB, Polars, pyarrow,
+    Hugging Face) drop columns or fail on parts that differ."""
+
+    def schema(path: str) -> pa.Schema:
+        with fs.open(path, "rb") as handle:
+            return pq.read_schema(handle)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(schema, paths))
+    first = schemas[0].remove_metadata()
+    report.add(
+        f"metadata part with another schema than {posixpath.basename(paths[0])}",
+        [posixpath.basename(p) for p, s in zip(paths, schemas, strict=True) if not s.remove_metadata().equals(first)],
+    )
+
+
+def verify_output(
+    output: str, *, manifest: str | None = None, storage: StorageConfig | None = None, clean: bool = False
+) -> VerifyReport:
+    """Check `output`; `clean`: also remove the objects of interrupted parts (only while no job
+    writes into the output: a running job's uncommitted objects look the same)."""
     fs, root = filesystem(output, storage)
+    fs.invalidate_cache()  # fresh listings: orphans are what no committed part lists (output.orphans)
     report = VerifyReport()
-    folder = join(root, METADATA_DIR)
-    if not fs.exists(folder):
+    paths = committed_parts(fs, root)
+    if not paths:
         report.problems.append(f"no metadata under {output} (nothing committed yet)")
         return report
-    dataset = pads.dataset(folder, format="parquet", filesystem=fs)
+    _check_schemas(fs, paths, report)
+    dataset = pads.dataset(paths, format="parquet", filesystem=fs)
     table = dataset.to_table(columns=["id", "image_path", "tar_member", "sha256", "bytes"])
     report.rows, report.parts = table.num_rows, len(dataset.files)
     counts = pc.value_counts(table.column("id"))
@@ -151,11 +180,13 @@ def verify_output(output: str, *, manifest: str | None = None, storage: StorageC
     rows = table.to_pylist()
     tar_rows = [r for r in rows if r["tar_member"]]
     referenced = _check_files(fs, root, [r for r in rows if not r["tar_member"]], report)
+    referenced |= {r["image_path"] for r in tar_rows}
     _check_tars(fs, root, tar_rows, report)
-    images = join(root, IMAGES_DIR)
-    if fs.exists(images):
-        on_disk = {path[len(root.rstrip("/")) + 1 :] for path in fs.find(images)}
-        report.orphan_images = len(on_disk - referenced)
+    parts = {posixpath.basename(p).removesuffix(".parquet") for p in paths}
+    report.orphans = find_orphans(fs, root, referenced=referenced, parts=parts)
+    if clean and report.orphans.count:
+        remove_orphans(fs, root, report.orphans)
+        report.cleaned = True
     if manifest is not None:
         plan = plan_manifest(manifest, storage)
         report.manifest_rows = plan.total_rows

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.core.errors import SdxlBatchError, error_from_text, exception_chain
+from pipeline.core.errors import SdxlBatchError, StorageError, error_from_text, exception_chain
 from pipeline.core.io import filesystem, join
 from pipeline.core.layout import IMAGES_DIR, JOB_RECORD, METADATA_DIR, REJECTS_DIR, SHARDS_DIR, STATS_FILE, write_json
+from pipeline.output.publish import publish
 from pipeline.output.stats import JobStats, PartStats
 from pipeline.plan.job import (
     JobPlan,
@@ -161,6 +162,7 @@ def run_job(
         init_ray(ray_address, metrics_port=metrics_port)
         config = resolve_resources(config)
         _execute(config, pending_slices(job, config), remaining, stats, progress=progress, passthrough=job.passthrough)
+    _publish(config, job.output)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
     extra = _job_settings(job, config, rejects=len(rejects)) | {"started_at": started_at, "finished_at": _now()}
@@ -174,6 +176,26 @@ def run_job(
         stats=record,
         job_stats=stats,
     )
+
+
+def _publish(config: JobConfig, output: str) -> None:
+    """The dataset card, shard list or imagefolder index, and no orphans (`output.publish`)."""
+    fs, root = filesystem(config.output, config.storage)
+    try:
+        published = publish(
+            fs,
+            root,
+            layout=config.write.layout,
+            image_format=config.generation.image_format,
+            captions=config.write.captions,
+        )
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(
+            f"the parts are committed, but writing the dataset card under {output} failed: "
+            f"{type(error).__name__}: {error}. Rerun the same command to write it."
+        ) from None
+    if published is not None:
+        logger.info("dataset card written: datasets.load_dataset(%r) reads the %d rows", output, published.rows)
 
 
 def _job_settings(job: JobPlan, config: JobConfig, *, rejects: int) -> dict[str, Any]:

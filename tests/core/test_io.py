@@ -11,6 +11,7 @@ from pipeline.core.io import (
     full_uri,
     is_temporary_name,
     join,
+    open_atomic,
     storage_options,
     temporary_path,
     write_bytes,
@@ -77,3 +78,34 @@ def test_a_failed_local_write_removes_its_temporary(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_bytes(fs, join(root, "taken"), b"payload")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_a_streamed_write_appears_only_when_complete(tmp_path: Path) -> None:
+    fs, root = filesystem(str(tmp_path))
+    target = f"{root}/index.parquet"
+    with open_atomic(fs, target) as handle:
+        handle.write(b"half")
+        assert not Path(target).exists()  # readers never see a partial index
+        handle.write(b" and half")
+    assert Path(target).read_bytes() == b"half and half"
+    with pytest.raises(RuntimeError), open_atomic(fs, target) as handle:
+        handle.write(b"broken")
+        raise RuntimeError("the writer failed")
+    assert Path(target).read_bytes() == b"half and half"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.parquet"]  # no temporary left
+
+
+@pytest.mark.integration
+def test_a_failed_streamed_write_to_s3_leaves_no_object(s3_bucket: str, s3_env: dict[str, str]) -> None:
+    """fsspec's own `with` would complete the upload of a partial object; ours aborts it."""
+    fs, _ = filesystem(f"s3://{s3_bucket}/x")
+    target = f"{s3_bucket}/index.parquet"
+    with pytest.raises(RuntimeError), open_atomic(fs, target) as handle:
+        handle.write(b"x" * (6 << 20))  # past s3fs's 5 MiB block: a multipart upload is under way
+        raise RuntimeError("the writer failed")
+    fs.invalidate_cache()
+    assert not fs.exists(target)
+    with open_atomic(fs, target) as handle:
+        handle.write(b"y" * (6 << 20))
+    fs.invalidate_cache()
+    assert fs.size(target) == 6 << 20

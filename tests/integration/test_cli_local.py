@@ -59,6 +59,15 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
     assert stats["rows_skipped"] == 0 and stats["per_gpu"] == {} and stats["gpu_utilization_percent"] is None
     job = json.loads((output / "job.json").read_text())
     assert job["manifest_rows"] == 10
+    # The files layout as Hugging Face's imagefolder reads it: the images with their metadata
+    # (the card and metadata.parquet), no class labels made up from the shard folders.
+    from datasets import load_dataset
+
+    dataset = load_dataset(str(output), split="train")
+    assert "label" not in dataset.features and sorted(dataset["id"]) == [r["id"] for r in rows]
+    for row in dataset:
+        assert row["image"].size == (row["width"], row["height"])
+        assert row["note"] == "n" + str(int(row["id"].split("-")[1]))
 
 
 def test_batch_size_does_not_change_images(tmp_path: Path, model_cache: Path) -> None:

@@ -14,6 +14,11 @@ module when it is imported. Nothing in `pipeline/` knows.
   across processes (the first crash creates PATH): a transient failure that a retry recovers.
 - SDXL_BATCH_TEST_CRASH_LOG=PATH (with SDXL_BATCH_TEST_CRASH): each crash appends a line to PATH,
   so a test can count them (Ray deduplicates the workers' lines on the driver's console).
+- SDXL_BATCH_TEST_KILL_AT_COMMIT=N, SDXL_BATCH_TEST_KILL_MARKS=PREFIX: the N-th metadata part of
+  the job (counted across processes with the files PREFIX.1, PREFIX.2, ...) is never written: its
+  images or tar are, then the driver and the writing worker are killed with SIGKILL, as when the
+  whole cluster is preempted between a part's objects and its commit. The first process that
+  starts with these variables (the CLI's driver) records its pid for the workers to find.
 """
 
 from __future__ import annotations
@@ -81,7 +86,39 @@ def _patch_encoding(module: Any) -> None:
     module.encode_batch = _crashing("encode_batch", module.encode_batch)
 
 
+KILL_AT_COMMIT = os.environ.get("SDXL_BATCH_TEST_KILL_AT_COMMIT")
+if KILL_AT_COMMIT is not None:
+    os.environ.setdefault("SDXL_BATCH_TEST_DRIVER_PID", str(os.getpid()))  # inherited by Ray's processes
+
+
+def _commit_ordinal() -> int:
+    prefix = os.environ["SDXL_BATCH_TEST_KILL_MARKS"]
+    n = 1
+    while True:
+        try:
+            os.close(os.open(f"{prefix}.{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def _patch_writer(module: ModuleType) -> None:
+    original = module.write_bytes
+
+    def write_bytes(fs: Any, path: str, data: bytes) -> None:
+        if "/metadata/part-" in path and _commit_ordinal() == int(KILL_AT_COMMIT or 0):
+            sys.stderr.write(f"sdxl-batch tests: killing the job before committing {path}\n")
+            sys.stderr.flush()
+            os.kill(int(os.environ["SDXL_BATCH_TEST_DRIVER_PID"]), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(fs, path, data)
+
+    module.write_bytes = write_bytes  # type: ignore[attr-defined]
+
+
 PATCHES: dict[str, Callable[[ModuleType], None]] = {}
+if KILL_AT_COMMIT is not None:
+    PATCHES["pipeline.output.writer"] = _patch_writer
 if LIMIT is not None or CRASH in ("load", "generate"):
     PATCHES["pipeline.models.generator"] = _patch_generator
 if CRASH == "encode":
