@@ -103,6 +103,9 @@ class JobPlan:
             f"model      {self.preset.name} ({self.preset.weights_label()}; {self.preset.scheduler_label()})",
             f"output     {self.output}",
         ]
+        if len(self.passthrough):
+            columns = ", ".join(f"{f.name} ({f.type})" for f in self.passthrough)
+            lines.append(f"metadata   the fixed columns, then the manifest's: {columns}")
         if m.problem_count:
             kinds = ", ".join(f"{n:,} {k}" for k, n in m.problem_columns.most_common())
             action = "listed in rejects/, the rest renders" if c.on_bad_row == "skip" else "the job will not start"

@@ -151,8 +151,8 @@ def test_job_level_settings_are_checked_against_the_preset(tmp_path: Path) -> No
 
 
 def test_summary_says_what_the_job_will_do(tmp_path: Path) -> None:
-    rows = [{"prompt": "p", "seed": i, "width": 768 if i < 3 else None, "height": None} for i in range(10)]
-    rows.append({"prompt": "", "seed": 10, "width": None, "height": None})
+    rows = [{"prompt": "p", "seed": i, "width": 768 if i < 3 else None, "height": None, "n": i} for i in range(10)]
+    rows.append({"prompt": "", "seed": 10, "width": None, "height": None, "n": 10})
     job = _job(tmp_path, rows, on_bad_row="skip", generation={"batch_size": 4})
     assert job.render_groups() == [((1024, 1024, 4, 0.0), 7), ((768, 1024, 4, 0.0), 3)]
     assert job.model_calls() == math.ceil(7 / 4) + 1
@@ -165,6 +165,7 @@ def test_summary_says_what_the_job_will_do(tmp_path: Path) -> None:
         "768x1024, 4 steps, guidance 0: 3 rows",
         "3 model calls (batch size 4)",
         "estimate   unknown",
+        "metadata   the fixed columns, then the manifest's: n (int64)",
     ):
         assert expected in text, text
 
