@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipeline.core.layout import metadata_schema
 from pipeline.models.presets import get_preset
 from pipeline.output.stats import job_label
-from pipeline.output.writer import ModelInfo
+from pipeline.output.writer import ModelInfo, PartWriter
 from pipeline.plan.manifest import rules_for
 from pipeline.plan.settings import SettingDefaults
 from pipeline.run.stages import EncodeImages, GenerateImages, ReadManifest, WriteParts
@@ -105,16 +105,16 @@ def encode_stage(config: JobConfig) -> EncodeImages:
 
 
 def write_stage(config: JobConfig, passthrough: pa.Schema) -> WriteParts:
-    return WriteParts(
+    writer = PartWriter(
         output=config.output,
         layout=config.write.layout,
         image_format=config.generation.image_format,
         model=model_info(config),
         storage=config.storage,
-        job=job_label(config.output),
         schema=metadata_schema(passthrough),
         captions=config.write.captions,
     )
+    return WriteParts(writer=writer, job=job_label(config.output))
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.core.errors import SdxlBatchError
 from pipeline.output.stats import Call, PartStats
-from pipeline.output.writer import TELEMETRY, ModelInfo, PartWriter
+from pipeline.output.writer import TELEMETRY, PartWriter
 from pipeline.plan.manifest import COLUMNS, Fragment, RowRules, read_fragment
 from pipeline.plan.schema import conform
 from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
@@ -289,30 +289,13 @@ class WriteParts:
         "actor",
     )
 
-    def __init__(
-        self,
-        *,
-        output: str,
-        layout: str,
-        image_format: str,
-        model: ModelInfo,
-        storage: StorageConfig,
-        job: str,
-        schema: pa.Schema | None = None,
-        captions: bool = True,
-    ):
+    def __init__(self, *, writer: PartWriter, job: str):
+        """`writer`: built on the driver with the job's settings and metadata schema; it holds no
+        connection (s3fs connects lazily), so it travels to the write tasks as it is."""
         self.job = job
-        self.model_name = model.model
+        self.model_name = writer.model.model
         self.metrics: JobMetrics | None = None  # created in the worker (Ray metrics live there)
-        self.writer = PartWriter(
-            output=output,
-            layout=layout,
-            image_format=image_format,
-            model=model,
-            storage=storage,
-            schema=schema,
-            captions=captions,
-        )
+        self.writer = writer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("write", batch, self.needs)
