@@ -159,6 +159,13 @@ def _check_schemas(fs: Any, paths: list[str], report: VerifyReport) -> None:
     )
 
 
+def _orphans(fs: Any, root: str, report: VerifyReport, *, referenced: set[str], parts: set[str], clean: bool) -> None:
+    report.orphans = find_orphans(fs, root, referenced=referenced, parts=parts)
+    if clean and report.orphans.count:
+        remove_orphans(fs, root, report.orphans)
+        report.cleaned = True
+
+
 def verify_output(
     output: str, *, manifest: str | None = None, storage: StorageConfig | None = None, clean: bool = False
 ) -> VerifyReport:
@@ -168,8 +175,9 @@ def verify_output(
     fs.invalidate_cache()  # fresh listings: orphans are what no committed part lists (output.orphans)
     report = VerifyReport()
     paths = committed_parts(fs, root)
-    if not paths:
+    if not paths:  # a job killed before its first commit may still have left objects
         report.problems.append(f"no metadata under {output} (nothing committed yet)")
+        _orphans(fs, root, report, referenced=set(), parts=set(), clean=clean)
         return report
     _check_schemas(fs, paths, report)
     dataset = pads.dataset(paths, format="parquet", filesystem=fs)
@@ -183,10 +191,7 @@ def verify_output(
     referenced |= {r["image_path"] for r in tar_rows}
     _check_tars(fs, root, tar_rows, report)
     parts = {posixpath.basename(p).removesuffix(".parquet") for p in paths}
-    report.orphans = find_orphans(fs, root, referenced=referenced, parts=parts)
-    if clean and report.orphans.count:
-        remove_orphans(fs, root, report.orphans)
-        report.cleaned = True
+    _orphans(fs, root, report, referenced=referenced, parts=parts, clean=clean)
     if manifest is not None:
         plan = plan_manifest(manifest, storage)
         report.manifest_rows = plan.total_rows

@@ -32,12 +32,16 @@ if TYPE_CHECKING:
 
 
 def read_done_ids(config: JobConfig) -> pa.ChunkedArray:
-    """The ids that committed parts under the output list (empty for a new output)."""
+    """The ids that committed parts under the output list: empty for a new output, and for one
+    whose `metadata/` holds no committed part (an empty folder, or only the temporary file of a
+    job killed during its first commit: nothing is done yet)."""
     fs, root = filesystem(config.output, config.storage)
     folder = join(root, METADATA_DIR)
     if not fs.exists(folder):
         return pa.chunked_array([], pa.string())
-    dataset = pads.dataset(folder, format="parquet", filesystem=fs)
+    dataset = pads.dataset(folder, format="parquet", filesystem=fs)  # skips `.`-names: temporary files
+    if not dataset.files:
+        return pa.chunked_array([], pa.string())
     return dataset.to_table(columns=["id"]).column("id").cast(pa.string())
 
 

@@ -164,3 +164,40 @@ def _polars_options(env: dict[str, str]) -> dict[str, str]:
         "aws_region": env["AWS_DEFAULT_REGION"],
         "aws_allow_http": "true",
     }
+
+
+def test_killed_during_its_first_commit_then_resumed(tmp_path: Path, model_cache: Path) -> None:
+    """`metadata/` holding only the temporary file of the first part: nothing is done yet. It used
+    to stop `validate` and `run` with `ArrowInvalid: No match for FieldRef.Name(id) ...`."""
+    manifest, output = tmp_path / "manifests", tmp_path / "out"
+    manifest.mkdir()
+    for name, data in _manifest_files().items():
+        (manifest / name).write_bytes(data)
+    config = write_config(
+        tmp_path / "job.yaml",
+        manifest=str(manifest),
+        output=str(output),
+        model={"preset": "tiny", "cache_dir": str(model_cache)},
+        generation={"batch_size": 4, "width": 64, "height": 64},
+        write={"layout": "webdataset", "rows_per_part": 4},
+    )
+    killing = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
+        "SDXL_BATCH_TEST_KILL_AT_COMMIT": "1",
+        "SDXL_BATCH_TEST_KILL_DURING": "1",
+        "SDXL_BATCH_TEST_KILL_MARKS": str(tmp_path / "commit"),
+    }
+    killed = run_cli("run", str(config), "--no-progress", env=killing)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    leftovers = [p.name for p in (output / "metadata").iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".part-") and leftovers[0].endswith(".tmp")
+
+    validated = run_cli("validate", str(config))
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert f"to render  {len(IDS)} rows" in validated.stdout and "done" not in validated.stdout
+    resumed = run_cli("run", str(config), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Rendered {len(IDS)} images" in resumed.stdout
+    after = run_cli("verify", str(output), "--manifest", str(manifest))
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "orphans:          0 (" in after.stdout  # the half-written part and its tar are gone

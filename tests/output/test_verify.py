@@ -96,3 +96,15 @@ def test_parts_with_different_schemas_are_a_problem(tmp_path: Path) -> None:
     report = verify_output(str(output))
     assert not report.ok
     assert "metadata part with another schema than" in report.summary()
+
+
+def test_orphans_are_counted_when_nothing_is_committed(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    (output / "shards").mkdir(parents=True)
+    (output / "metadata").mkdir()
+    (output / "shards" / "part-0123456789abcdef.tar").write_bytes(b"the first part's tar")
+    (output / "metadata" / ".part-0123456789abcdef.parquet.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"PAR")
+    report = verify_output(str(output), clean=True)
+    assert not report.ok and "nothing committed yet" in report.summary()
+    assert report.orphans.tars == ["shards/part-0123456789abcdef.tar"] and len(report.orphans.temporary) == 1
+    assert report.cleaned and not list((output / "shards").iterdir()) and not list((output / "metadata").iterdir())

@@ -6,7 +6,13 @@ import pytest
 
 from pipeline.core.config import JobConfig
 from pipeline.core.errors import ConfigError
-from pipeline.plan.ledger import check_fingerprint, clear_output, read_done_ids, settings_fingerprint
+from pipeline.plan.ledger import (
+    check_fingerprint,
+    clear_output,
+    read_committed_schema,
+    read_done_ids,
+    settings_fingerprint,
+)
 
 
 def _config(tmp_path: Path, **generation: object) -> JobConfig:
@@ -38,3 +44,25 @@ def test_clear_output_removes_only_what_a_job_writes(tmp_path: Path) -> None:
 
 def test_no_metadata_means_nothing_done(tmp_path: Path) -> None:
     assert len(read_done_ids(_config(tmp_path))) == 0
+
+
+@pytest.mark.parametrize("leftover", [None, ".part-1.parquet.0123456789abcdef0123456789abcdef.tmp"])
+def test_a_metadata_folder_without_a_committed_part_means_nothing_done(tmp_path: Path, leftover: str | None) -> None:
+    """An empty `metadata/`, or one holding only the temporary file of a job killed during its
+    first commit: nothing is done yet (it used to stop validate and run with an ArrowInvalid)."""
+    folder = tmp_path / "out" / "metadata"
+    folder.mkdir(parents=True)
+    if leftover:
+        (folder / leftover).write_bytes(b"PAR1 half a part")
+    assert len(read_done_ids(_config(tmp_path))) == 0
+    assert read_committed_schema(_config(tmp_path)) is None
+
+
+@pytest.mark.integration
+def test_an_empty_metadata_folder_on_s3_means_nothing_done(s3_bucket: str, s3_env: dict[str, str]) -> None:
+    """The zero-byte `metadata/` marker that S3 consoles and some tools create for a folder."""
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"]).pipe(f"{s3_bucket}/out/metadata/", b"")
+    config = JobConfig.model_validate({"manifest": "m.parquet", "output": f"s3://{s3_bucket}/out"})
+    assert len(read_done_ids(config)) == 0 and read_committed_schema(config) is None

@@ -19,6 +19,8 @@ module when it is imported. Nothing in `pipeline/` knows.
   images or tar are, then the driver and the writing worker are killed with SIGKILL, as when the
   whole cluster is preempted between a part's objects and its commit. The first process that
   starts with these variables (the CLI's driver) records its pid for the workers to find.
+  With SDXL_BATCH_TEST_KILL_DURING=1 the kill comes in the middle of the metadata part's write:
+  on local disk its temporary file holds half the part, as a kill during `write_bytes` leaves.
 """
 
 from __future__ import annotations
@@ -109,6 +111,12 @@ def _patch_writer(module: ModuleType) -> None:
         if "/metadata/part-" in path and _commit_ordinal() == int(KILL_AT_COMMIT or 0):
             sys.stderr.write(f"sdxl-batch tests: killing the job before committing {path}\n")
             sys.stderr.flush()
+            if os.environ.get("SDXL_BATCH_TEST_KILL_DURING") and not module.is_remote_fs(fs):
+                from pipeline.core.io import temporary_path
+
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(temporary_path(path), "wb") as half:
+                    half.write(data[: len(data) // 2])
             os.kill(int(os.environ["SDXL_BATCH_TEST_DRIVER_PID"]), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         original(fs, path, data)
