@@ -25,7 +25,7 @@ from tests.helpers import run_cli, write_config
 pytestmark = pytest.mark.integration
 
 INJECT = Path(__file__).with_name("inject")
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "output.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 IDS_A = ["img.0001", "img.0002", "v1.5-000010", "UPPER.Case", "dot.", "x-05", "x-06", "x-07"]
 IDS_B = ["a/b/c", "ünïcødé-名前", "x..y", "plain-id", ".hidden", "UPPER", "y-1", "y-2"]
 IDS = IDS_A + IDS_B
@@ -51,7 +51,7 @@ def _manifest_files() -> dict[str, bytes]:
 
 
 def _webdataset_snippet() -> str:
-    section = DOCS.read_text(encoding="utf-8").split("## Reading the output", 1)[1]
+    section = README.read_text(encoding="utf-8").split("### Reading the output", 1)[1].split("\n### ", 1)[0]
     snippets: list[str] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     return next(s for s in snippets if "webdataset" in s)
 
@@ -124,7 +124,7 @@ def test_killed_between_a_tar_and_its_metadata_then_resumed(
 
     # webdataset, through the docs' snippet: one sample per row, keys without dots, captions.
     namespace: dict[str, Any] = {"OUTPUT": output}
-    exec(compile(_webdataset_snippet(), "docs/output.md", "exec"), namespace)
+    exec(compile(_webdataset_snippet(), "README.md", "exec"), namespace)
     samples = namespace["samples"]
     assert sorted(meta["id"] for _, _, meta in samples) == sorted(IDS)
     for image, caption, meta in samples:

@@ -5,7 +5,7 @@ The outputs are made by the real writer and end-of-job step (`PartWriter`, `publ
 manifest files whose pass-through columns disagree (planned by the real planner), with ids that
 broke the readers before: dots, uppercase, slashes, unicode, trailing dots. The whole job through
 the CLI (with a kill between a tar and its metadata part, and S3) is in
-tests/integration/test_readers_cli.py. The snippets of docs/output.md's "Reading the output" are
+tests/integration/test_readers_cli.py. The snippets of README.md's "Reading the output" are
 run here as written.
 """
 
@@ -193,12 +193,12 @@ def test_incompatible_pass_through_types_stop_planning(tmp_path: Path) -> None:
     assert "a.parquet" in message and "b.parquet" in message and "'score'" in message
 
 
-# --- The snippets of docs/output.md, as written ---------------------------------------------
+# --- The snippets of README.md, as written ---------------------------------------------
 
 
 def _snippets() -> list[str]:
-    page = (REPO / "docs" / "output.md").read_text(encoding="utf-8")
-    section = page.split("## Reading the output", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / "README.md").read_text(encoding="utf-8")
+    section = page.split("### Reading the output", 1)[1].split("\n### ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
 
@@ -225,7 +225,7 @@ CASES = [(layout, i) for i, s in enumerate(_snippets()) for layout in ("files", 
 def test_docs_snippet_runs(outputs: dict[str, Path], layout: str, index: int) -> None:
     snippet = _snippets()[index]
     namespace: dict[str, Any] = {"OUTPUT": str(outputs[layout])}
-    exec(compile(snippet, f"docs/output.md snippet {index}", "exec"), namespace)
+    exec(compile(snippet, f"README.md snippet {index}", "exec"), namespace)
     assert _rows(namespace) == len(IDS)
 
 
