@@ -120,6 +120,13 @@ def test_structural_problems_exit_2_with_what_where_and_what_to_do(tmp_path: Pat
     assert code == 2 and "generation.batchsize: unknown key" in err
     code, err = validate(good, model={"preset": "lightning-3step"})
     assert code == 2 and "unknown model preset 'lightning-3step'" in err
+    # Two files whose pass-through column no type holds unchanged (float64 cannot hold every int64).
+    mixed = tmp_path / "mixed"
+    write_manifest(mixed / "a.parquet", [{"prompt": "p", "seed": 1, "score": 2**40}])
+    write_manifest(mixed / "b.parquet", [{"prompt": "p", "seed": 2, "score": 0.1}])
+    code, err = validate(mixed)
+    assert code == 2 and "a.parquet" in err and "b.parquet" in err and "'score'" in err
+    assert "is double here and int64 in" in err and "one schema" in err
 
 
 def test_object_store_problems_are_clear(tmp_path: Path, s3_bucket: str, s3_env: dict[str, str]) -> None:
