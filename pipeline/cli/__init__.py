@@ -7,6 +7,7 @@ handler; the handlers import the pipeline when they run, so `sdxl-batch --help` 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -45,7 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        # Arrow's scanner threads over fsspec filesystems (S3) can outlive a dataset and abort at
+        # interpreter shutdown ("terminate called without an active exception", apache/arrow#45214,
+        # seen once from `verify` on S3 after it printed OK): release them while Arrow is alive.
+        gc.collect()
+        return code
     except SdxlBatchError as error:
         _disconnect_ray()
         print(f"error: {error}", file=sys.stderr)
