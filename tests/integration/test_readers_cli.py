@@ -50,6 +50,27 @@ def _manifest_files() -> dict[str, bytes]:
     return files
 
 
+def _job(tmp_path: Path, model_cache: Path, manifest: str, output: str) -> Path:
+    return write_config(
+        tmp_path / "job.yaml",
+        manifest=manifest,
+        output=output,
+        model={"preset": "tiny", "cache_dir": str(model_cache)},
+        generation={"batch_size": 4, "width": 64, "height": 64},
+        write={"layout": "webdataset", "rows_per_part": 4},
+    )
+
+
+def _killing(tmp_path: Path, *, at_commit: int, during: bool = False) -> dict[str, str]:
+    """The environment that kills the job at its `at_commit`-th part (inject/sitecustomize.py)."""
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
+        "SDXL_BATCH_TEST_KILL_AT_COMMIT": str(at_commit),
+        "SDXL_BATCH_TEST_KILL_MARKS": str(tmp_path / "commit"),
+    }
+    return env | ({"SDXL_BATCH_TEST_KILL_DURING": "1"} if during else {})
+
+
 def _webdataset_snippet() -> str:
     section = README.read_text(encoding="utf-8").split("### Reading the output", 1)[1].split("\n### ", 1)[0]
     snippets: list[str] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
@@ -77,21 +98,8 @@ def test_killed_between_a_tar_and_its_metadata_then_resumed(
         root = output
     for name, data in _manifest_files().items():
         fs.pipe(f"{manifest.removeprefix('s3://').rstrip('/')}/{name}", data)
-    config = write_config(
-        tmp_path / "job.yaml",
-        manifest=manifest,
-        output=output,
-        model={"preset": "tiny", "cache_dir": str(model_cache)},
-        generation={"batch_size": 4, "width": 64, "height": 64},
-        write={"layout": "webdataset", "rows_per_part": 4},
-    )
-
-    killing = {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
-        "SDXL_BATCH_TEST_KILL_AT_COMMIT": "2",
-        "SDXL_BATCH_TEST_KILL_MARKS": str(tmp_path / "commit"),
-    }
-    killed = run_cli("run", str(config), "--no-progress", env=env | killing)
+    config = _job(tmp_path, model_cache, manifest, output)
+    killed = run_cli("run", str(config), "--no-progress", env=env | _killing(tmp_path, at_commit=2))
     assert killed.returncode == -9, killed.stdout + killed.stderr  # the driver, SIGKILLed
     assert (tmp_path / "commit.2").exists()
 
@@ -173,21 +181,8 @@ def test_killed_during_its_first_commit_then_resumed(tmp_path: Path, model_cache
     manifest.mkdir()
     for name, data in _manifest_files().items():
         (manifest / name).write_bytes(data)
-    config = write_config(
-        tmp_path / "job.yaml",
-        manifest=str(manifest),
-        output=str(output),
-        model={"preset": "tiny", "cache_dir": str(model_cache)},
-        generation={"batch_size": 4, "width": 64, "height": 64},
-        write={"layout": "webdataset", "rows_per_part": 4},
-    )
-    killing = {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
-        "SDXL_BATCH_TEST_KILL_AT_COMMIT": "1",
-        "SDXL_BATCH_TEST_KILL_DURING": "1",
-        "SDXL_BATCH_TEST_KILL_MARKS": str(tmp_path / "commit"),
-    }
-    killed = run_cli("run", str(config), "--no-progress", env=killing)
+    config = _job(tmp_path, model_cache, str(manifest), str(output))
+    killed = run_cli("run", str(config), "--no-progress", env=_killing(tmp_path, at_commit=1, during=True))
     assert killed.returncode == -9, killed.stdout + killed.stderr
     leftovers = [p.name for p in (output / "metadata").iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(".part-") and leftovers[0].endswith(".tmp")
