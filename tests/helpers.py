@@ -50,3 +50,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 def read_metadata(output: str, filesystem: Any = None) -> pa.Table:
     return pads.dataset(f"{output.rstrip('/')}/metadata", format="parquet", filesystem=filesystem).to_table()
+
+
+def plan_manifest(uri: str, *, keep_problems: bool = False, rules: Any = None, executor: Any = None) -> Any:
+    """A manifest planned on its own (no output), in this process unless `executor` says otherwise."""
+    from pipeline.plan.executor import LocalExecutor
+    from pipeline.plan.manifest import GENERIC_RULES
+    from pipeline.plan.rows import plan_rows
+
+    return plan_rows(
+        uri, None, executor=executor or LocalExecutor(), rules=rules or GENERIC_RULES, keep_problems=keep_problems
+    )
+
+
+def pending_mask(plan: Any) -> Any:
+    """Every manifest row's pending flag, files in order (a test's view: the planner never builds it)."""
+    import numpy as np
+
+    return np.concatenate([plan.pending_mask(scan.index) for scan in plan.scans])
+
+
+def pending_ids(plan: Any, rules: Any = None) -> list[str]:
+    """The ids of every pending row, as the read stage reads them, in manifest order."""
+    from pipeline.plan.manifest import GENERIC_RULES
+    from pipeline.plan.rows import iter_pending
+
+    return [i for table in iter_pending(plan, None, rules or GENERIC_RULES) for i in table.column("id").to_pylist()]

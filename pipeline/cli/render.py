@@ -83,9 +83,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.plan.job import SHOWN_PROBLEMS, plan_job
+    from pipeline.plan.job import SHOWN_PROBLEMS, check_job, plan_job
+    from pipeline.run.runner import planning_executor
 
-    job = plan_job(load_job_config(args), overwrite=args.overwrite)
+    config = load_job_config(args)
+    check_job(config)
+    job = plan_job(config, overwrite=args.overwrite, executor=planning_executor(config, ray_address()))
     print("\n".join(job.summary_lines()))
     manifest = job.manifest
     if manifest.problem_count:

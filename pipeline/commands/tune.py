@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -31,7 +30,8 @@ import yaml
 from pipeline.core.errors import ConfigError, ModelError, SdxlBatchError
 from pipeline.plan.job import JobPlan, human_duration, plan_job
 from pipeline.plan.ledger import settings_fingerprint
-from pipeline.plan.manifest import read_fragment, rules_for
+from pipeline.plan.manifest import rules_for
+from pipeline.plan.rows import iter_pending
 from pipeline.run.runner import JobResult, resolve_resources, run_job
 from pipeline.run.session import init_ray
 
@@ -198,16 +198,12 @@ def sample_manifest(job: JobPlan, rows: int, path: Path) -> int:
     """Write `rows` rows still to render (valid ones, in manifest order) as a manifest at `path`.
     A manifest with fewer rows is repeated with new ids and seeds, so every trial renders as
     many images. Returns how many distinct manifest rows the sample holds."""
-    plan, config = job.manifest, job.config
-    rules = rules_for(job.preset)
-    wanted = job.pending if job.pending_rows else ~plan.rejected
-    tables, have, offset = [], 0, 0
-    for fragment in plan.fragments:
-        todo = wanted[offset : offset + fragment.num_rows]
-        offset += fragment.num_rows
-        if not todo.any():
-            continue
-        table = read_fragment(fragment, config.storage, rules=rules, reject=np.flatnonzero(~todo).tolist())
+    config = job.config
+    # Nothing left to render: sample the manifest's valid rows, as a new output would render them.
+    plan = job.manifest if job.pending_rows else plan_job(config, overwrite=True).manifest
+    tables: list[pa.Table] = []
+    have = 0
+    for table in iter_pending(plan, config.storage, rules_for(job.preset)):
         tables.append(table.slice(0, rows - have))
         have += min(table.num_rows, rows - have)
         if have >= rows:

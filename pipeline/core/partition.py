@@ -13,6 +13,8 @@ which is what a partitioning computed afresh in every planning needs (nothing pe
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 
@@ -25,7 +27,7 @@ def partition_of(ids: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray
         return np.zeros(len(ids), dtype=np.int64)
     import polars as pl
 
-    hashes = pl.from_arrow(ids.cast(pa.large_string())).hash(seed=_SEED).to_numpy()
+    hashes = pl.Series(ids.cast(pa.large_string())).hash(seed=_SEED).to_numpy()
     return (hashes % np.uint64(partitions)).astype(np.int64)
 
 
@@ -35,4 +37,4 @@ def split_by_partition(table: pa.Table, column: str, partitions: int) -> list[pa
     order = np.argsort(parts, kind="stable")
     bounds = np.searchsorted(parts[order], np.arange(partitions + 1))
     ordered = table.take(pa.array(order, pa.int64()))
-    return [ordered.slice(int(lo), int(hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [ordered.slice(int(lo), int(hi - lo)) for lo, hi in itertools.pairwise(bounds)]

@@ -16,17 +16,26 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
 from pipeline.core.io import filesystem, full_uri, join, write_bytes
-from pipeline.core.layout import JOB_RECORD, METADATA_FIELDS, REJECTS_DIR, STATS_FILE, read_json, safe_name
+from pipeline.core.layout import (
+    JOB_RECORD,
+    METADATA_FIELDS,
+    REJECTS_DIR,
+    STATS_FILE,
+    committed_parts,
+    read_json,
+    safe_name,
+)
 from pipeline.models.presets import Preset, check_job_settings, get_preset
-from pipeline.plan.ledger import check_fingerprint, read_committed_schema, read_done_ids, settings_fingerprint
-from pipeline.plan.manifest import ManifestPlan, plan_manifest, rules_for
+from pipeline.plan.executor import LocalExecutor, PlanExecutor
+from pipeline.plan.ledger import check_fingerprint, read_committed_schema, settings_fingerprint
+from pipeline.plan.manifest import rules_for
+from pipeline.plan.rows import RowPlan, plan_rows
 from pipeline.plan.schema import resume_passthrough
 from pipeline.plan.settings import SettingDefaults
 
@@ -38,14 +47,12 @@ SHOWN_PROBLEMS = 10
 
 @dataclass
 class JobPlan:
-    """Everything known about a job before it starts."""
+    """Everything known about a job before it starts: O(files + parts + bad rows), never O(rows)."""
 
     config: JobConfig
     preset: Preset
     defaults: SettingDefaults
-    manifest: ManifestPlan
-    done: pa.ChunkedArray
-    finished: np.ndarray  # per manifest row: already in the output
+    manifest: RowPlan
     fingerprint: dict[str, Any]
     output: str
     previous_stats: dict[str, Any] | None = None
@@ -53,25 +60,20 @@ class JobPlan:
     passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
     @property
-    def pending(self) -> np.ndarray:
-        """Per manifest row: still to render (not done, not rejected)."""
-        pending: np.ndarray = ~self.finished & ~self.manifest.rejected
-        return pending
-
-    @property
     def pending_rows(self) -> int:
-        return int(self.pending.sum())
+        """Rows still to render (not done, not rejected)."""
+        return self.manifest.pending_rows
 
     @property
     def done_rows(self) -> int:
         """Good rows already in the output (a rejected duplicate of a done id is not counted)."""
-        return int((self.finished & ~self.manifest.rejected).sum())
+        return self.manifest.done_rows
 
     def render_groups(self) -> list[tuple[tuple[int, int, int, float], int]]:
         """(width, height, steps, guidance) of the rows still to render, with their counts."""
         d = self.defaults
         merged: dict[tuple[int, int, int, float], int] = {}
-        for (width, height, steps, guidance), count in self.manifest.count_settings(self.pending).items():
+        for (width, height, steps, guidance), count in self.manifest.pending_settings.items():
             key = (
                 int(width if width is not None else d.width),
                 int(height if height is not None else d.height),
@@ -143,11 +145,8 @@ def human_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def plan_job(config: JobConfig, *, overwrite: bool = False) -> JobPlan:
-    """Check the config and the manifest and find what is left to render; touches no GPU.
-
-    Raises ConfigError, ModelError, ManifestError or StorageError for problems that stop the job;
-    bad rows are returned in the plan (see `raise_for_bad_rows`)."""
+def check_job(config: JobConfig) -> tuple[Preset, SettingDefaults]:
+    """The config's own settings against the preset's limits (before anything is read)."""
     preset = get_preset(config.model.preset)
     defaults = SettingDefaults.from_config(config.generation, preset)
     check_job_settings(
@@ -157,39 +156,48 @@ def plan_job(config: JobConfig, *, overwrite: bool = False) -> JobPlan:
         width=defaults.width,
         height=defaults.height,
     )
-    manifest = plan_manifest(
-        config.manifest, config.storage, rules=rules_for(preset), keep_problems=config.on_bad_row == "skip"
-    )
+    return preset, defaults
+
+
+def plan_job(config: JobConfig, *, overwrite: bool = False, executor: PlanExecutor | None = None) -> JobPlan:
+    """Check the config and the manifest and find what is left to render; touches no GPU.
+
+    `executor`: where the planning tasks run (`plan.rows`; default: in this process).
+    Raises ConfigError, ModelError, ManifestError or StorageError for problems that stop the job;
+    bad rows are returned in the plan (see `raise_for_bad_rows`)."""
+    preset, defaults = check_job(config)
     fs, root = filesystem(config.output, config.storage)
     output = full_uri(fs, root)
     fingerprint = settings_fingerprint(config)
     previous_stats = None
-    done = pa.chunked_array([], pa.string())
-    committed = None
+    committed: list[str] = []
+    schema = None
     try:
         if not overwrite:
-            done = read_done_ids(config)
-            committed = read_committed_schema(config)
+            committed = committed_parts(fs, root)
+            schema = read_committed_schema(fs, committed)
             previous = read_json(fs, join(root, JOB_RECORD))
-            if len(done):
+            if committed:
                 check_fingerprint((previous or {}).get("fingerprint"), fingerprint, output)
             if previous and (previous.get("fingerprint") or {}).get("digest") == fingerprint["digest"]:
                 previous_stats = read_json(fs, join(root, STATS_FILE))
+        manifest = plan_rows(
+            config.manifest,
+            config.storage,
+            executor=executor or LocalExecutor(),
+            rules=rules_for(preset),
+            keep_problems=config.on_bad_row == "skip",
+            output=config.output,
+            committed=committed,
+        )
     except (OSError, pa.ArrowInvalid) as error:
         raise StorageError(f"cannot read the output {output}: {type(error).__name__}: {error}") from None
-    passthrough = resume_passthrough(manifest.passthrough, committed, fixed=METADATA_FIELDS, output=output)
-    finished = (
-        pc.is_in(manifest.ids, value_set=done.combine_chunks()).to_numpy(zero_copy_only=False)
-        if len(done)
-        else np.zeros(manifest.total_rows, dtype=bool)
-    )
+    passthrough = resume_passthrough(manifest.passthrough, schema, fixed=METADATA_FIELDS, output=output)
     return JobPlan(
         config=config,
         preset=preset,
         defaults=defaults,
         manifest=manifest,
-        done=done,
-        finished=np.asarray(finished, dtype=bool),
         fingerprint=fingerprint,
         output=output,
         previous_stats=previous_stats,
@@ -237,8 +245,3 @@ def write_rejects(job: JobPlan) -> list[str]:
     except OSError as error:
         raise StorageError(f"cannot write rejects/ under the output {job.output}: {error}") from None
     return written
-
-
-def reject_positions(job: JobPlan) -> np.ndarray:
-    """Global positions of rejected rows (sorted), for the read stage to drop."""
-    return np.flatnonzero(job.manifest.rejected)

@@ -2,8 +2,9 @@
 
 The ledger *is* the metadata: a row is done exactly when a committed `metadata/part-*.parquet`
 lists it (parts are written last and atomically, after their images). So resuming needs no
-extra state that could disagree with the data: read the `id` column of every part, skip those
-ids before they reach a GPU, render the rest.
+extra state that could disagree with the data: the planner (`plan.rows`) reads the `id` column
+of every part in parallel tasks, joins them with the manifest's ids by hash partition, and the
+read stage skips those rows before they reach a GPU.
 
 Ray Data's own job checkpointing (`DataContext.checkpoint_config`, Ray 2.60) is not used: it
 hooks a Ray read op and a Datasink write op, while this graph starts from planned manifest
@@ -19,41 +20,29 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import filesystem, join
-from pipeline.core.layout import METADATA_DIR, OUTPUT_ENTRIES
+from pipeline.core.layout import OUTPUT_ENTRIES
 from pipeline.models.presets import get_preset
 from pipeline.plan.settings import SettingDefaults
 
 if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
     from pipeline.core.config import JobConfig
 
 
-def read_done_ids(config: JobConfig) -> pa.ChunkedArray:
-    """The ids that committed parts under the output list: empty for a new output, and for one
-    whose `metadata/` holds no committed part (an empty folder, or only the temporary file of a
-    job killed during its first commit: nothing is done yet)."""
-    fs, root = filesystem(config.output, config.storage)
-    folder = join(root, METADATA_DIR)
-    if not fs.exists(folder):
-        return pa.chunked_array([], pa.string())
-    dataset = pads.dataset(folder, format="parquet", filesystem=fs)  # skips `.`-names: temporary files
-    if not dataset.files:
-        return pa.chunked_array([], pa.string())
-    return dataset.to_table(columns=["id"]).column("id").cast(pa.string())
-
-
-def read_committed_schema(config: JobConfig) -> pa.Schema | None:
-    """The schema of the output's committed metadata parts (one part's footer: every part of an
-    output has the same, and `verify` checks it), or None when none is committed."""
-    fs, root = filesystem(config.output, config.storage)
-    folder = join(root, METADATA_DIR)
-    if not fs.exists(folder):
+def read_committed_schema(fs: AbstractFileSystem, parts: list[str]) -> pa.Schema | None:
+    """The schema of the output's committed metadata parts (`layout.committed_parts`; one part's
+    footer: every part of an output has the same, and `verify` checks it), or None when none is
+    committed (a new output, an empty `metadata/`, or only the temporary file of a job killed
+    during its first commit: nothing is done yet)."""
+    if not parts:
         return None
-    dataset = pads.dataset(folder, format="parquet", filesystem=fs)
-    return dataset.schema if dataset.files else None
+    with fs.open(parts[0], "rb") as handle:
+        return pq.read_schema(handle)
 
 
 def settings_fingerprint(config: JobConfig) -> dict[str, Any]:

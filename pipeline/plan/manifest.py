@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import pyarrow as pa
@@ -136,21 +136,26 @@ class Fragment:
         ]
 
 
-def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str]]:
+def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
+    """The manifest's root, its files in name order, and the listing's entry of each."""
     if any(ch in path for ch in _GLOB_CHARS):
         prefix = path.split("*")[0].split("?")[0].split("[")[0]
         root = prefix if prefix.endswith("/") else posixpath.dirname(prefix)
-        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
     elif fs.isdir(path):
         root = path
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
+        found = {
+            p: info
+            for p, info in fs.find(path, detail=True).items()
+            if p.endswith(".parquet") and not _hidden(p, path) and info.get("type") == "file"
+        }
     elif fs.isfile(path):
-        root, files = posixpath.dirname(path), [path]
+        root, found = posixpath.dirname(path), {path: fs.info(path)}
     else:
         raise ManifestError(f"manifest not found: {uri} (expected a Parquet file, a folder of them, or a glob)")
-    if not files:
+    if not found:
         raise ManifestError(f"manifest {uri} matches no Parquet files")
-    return root, files
+    return root, sorted(found), found
 
 
 def _hidden(path: str, root: str) -> bool:
@@ -158,17 +163,28 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
-def list_manifest_files(uri: str, storage: StorageConfig | None = None) -> tuple[AbstractFileSystem, str, list[str]]:
-    """Resolve a manifest URI (file, folder or glob) to its root and sorted Parquet files."""
+@overload
+def list_manifest_files(
+    uri: str, storage: StorageConfig | None = None, *, sizes: Literal[False] = False
+) -> tuple[AbstractFileSystem, str, list[str]]: ...
+@overload
+def list_manifest_files(
+    uri: str, storage: StorageConfig | None = None, *, sizes: Literal[True]
+) -> tuple[AbstractFileSystem, str, list[str], list[int]]: ...
+def list_manifest_files(uri: str, storage: StorageConfig | None = None, *, sizes: bool = False) -> Any:
+    """Resolve a manifest URI (file, folder or glob) to its root and sorted Parquet files (and,
+    with `sizes`, their sizes in bytes, from the same listing)."""
     fs, path = filesystem(uri, storage)
     try:
-        root, files = _root_and_files(fs, path, uri)
+        root, files, found = _root_and_files(fs, path, uri)
     except ManifestError:
         raise
     except PermissionError as error:
         raise StorageError(f"no permission to read the manifest {uri}: {error}") from None
     except Exception as error:  # botocore's credential and bucket errors are not OSErrors
         raise StorageError(f"cannot list the manifest {uri}: {type(error).__name__}: {error}") from None
+    if sizes:
+        return fs, root, files, [int(found[f].get("size") or 0) for f in files]
     return fs, root, files
 
 
@@ -367,7 +383,7 @@ _DAMAGED = (pa.ArrowException, OSError, ValueError)
 
 
 @contextmanager
-def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile]:
+def open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile]:
     """Open a Parquet file for reading, closing it after use (manifests may have thousands)."""
     try:
         handle = fs.open(path, "rb")
@@ -381,7 +397,7 @@ def _open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.Pa
         yield parquet
 
 
-def _read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
+def read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
     try:
         table = _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
     except _DAMAGED as error:
@@ -454,8 +470,8 @@ def read_fragment(
     (indices inside the slice). The rows left must pass the checks that planning applied: if
     one does not, the file changed after planning, and the job stops naming the row."""
     fs, path = filesystem(fragment.uri, storage)
-    with _open_parquet(fs, path, fragment.uri) as parquet:
-        table = _read_row_group(parquet, fragment)
+    with open_parquet(fs, path, fragment.uri) as parquet:
+        table = read_row_group(parquet, fragment)
     if "id" not in table.column_names:  # derived from positions, so before any row is dropped
         table = table.add_column(0, "id", derive_ids(fragment.relpath, fragment.row_offset, table.num_rows))
     positions = np.arange(table.num_rows)
@@ -536,7 +552,7 @@ class ManifestPlan:
         ]
 
 
-class _Problems:
+class Problems:
     """Collects bad rows chunk by chunk; keeps all, or only the first few, in detail."""
 
     def __init__(self, keep_all: bool):
@@ -584,7 +600,7 @@ def plan_manifest(
     fragments: list[Fragment] = []
     id_chunks: list[pa.Array] = []
     rejected_chunks: list[np.ndarray] = []
-    problems = _Problems(keep_problems)
+    problems = Problems(keep_problems)
     passthrough = PassthroughSchema()
     setting_chunks: list[pa.Table] = []
     file_uris, file_starts = [], []
@@ -594,7 +610,7 @@ def plan_manifest(
         relpath = posixpath.relpath(path, root)
         file_uris.append(file_uri)
         file_starts.append(total)
-        with _open_parquet(fs, path, file_uri) as parquet:
+        with open_parquet(fs, path, file_uri) as parquet:
             schema = parquet.schema_arrow
             check_schema(schema, file_uri)
             passthrough.add(schema, known=COLUMNS, uri=file_uri)
@@ -603,7 +619,7 @@ def plan_manifest(
             for index in range(parquet.metadata.num_row_groups):
                 num_rows = parquet.metadata.row_group(index).num_rows
                 fragment = Fragment(file_uri, relpath, index, offset, num_rows)
-                table = _read_row_group(parquet, fragment, columns)
+                table = read_row_group(parquet, fragment, columns)
                 ids = table.column("id") if "id" in table.column_names else derive_ids(relpath, offset, num_rows)
                 ids = pc.cast(ids, pa.string())
                 id_chunks.extend(ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])
@@ -665,7 +681,7 @@ def _setting_values(table: pa.Table) -> pa.Table:
 def _reject_duplicates(
     ids: pa.ChunkedArray,
     rejected: np.ndarray,
-    problems: _Problems,
+    problems: Problems,
     file_uris: list[str],
     file_starts: np.ndarray,
 ) -> None:

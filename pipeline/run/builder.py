@@ -88,15 +88,16 @@ def generator_kwargs(config: JobConfig) -> dict[str, Any]:
     }
 
 
-def read_stage(config: JobConfig, passthrough: pa.Schema) -> ReadManifest:
-    """The reader, with the job's setting defaults, the preset's limits for a row's own values and
-    the planned types of the manifest's pass-through columns."""
+def read_stage(config: JobConfig, passthrough: pa.Schema, masks: dict[int, Any]) -> ReadManifest:
+    """The reader, with the job's setting defaults, the preset's limits for a row's own values,
+    the planned types of the manifest's pass-through columns and the files' pending-row masks."""
     preset = get_preset(config.model.preset)
     return ReadManifest(
         storage=config.storage,
         defaults=SettingDefaults.from_config(config.generation, preset),
         rules=rules_for(preset),
         passthrough=passthrough,
+        masks=masks,
     )
 
 
@@ -128,24 +129,35 @@ def _remote_args_allowed() -> Iterator[None]:
 
 
 def build_dataset(
-    config: JobConfig, tasks: list[dict[str, Any]], *, passthrough: pa.Schema | None = None
+    config: JobConfig,
+    tasks: list[dict[str, Any]],
+    *,
+    masks: dict[int, Any],
+    slice_rows: int,
+    passthrough: pa.Schema | None = None,
 ) -> ray.data.Dataset:
-    """The graph over read `tasks` (a manifest `Fragment`'s fields plus `skip`: the indices inside
-    it that are done or rejected, dropped in the read stage). `config` has its placement resolved
-    (`runner.resolve_resources`); `passthrough`: the manifest's other columns, as planned."""
+    """The graph over read `tasks` (`RowPlan.read_tasks`: one per row group with rows to render;
+    `masks`: each file's pending rows, as planned), whose rows reach the generators in blocks of
+    `slice_rows`. `config` has its placement resolved (`runner.resolve_resources`);
+    `passthrough`: the manifest's other columns, as planned."""
     with _remote_args_allowed():
-        return _graph(config, tasks, pa.schema([]) if passthrough is None else passthrough)
+        return _graph(config, tasks, masks, slice_rows, pa.schema([]) if passthrough is None else passthrough)
 
 
-def _graph(config: JobConfig, tasks: list[dict[str, Any]], passthrough: pa.Schema) -> ray.data.Dataset:
+def _graph(
+    config: JobConfig, tasks: list[dict[str, Any]], masks: dict[int, Any], slice_rows: int, passthrough: pa.Schema
+) -> ray.data.Dataset:
     import ray.data
 
     resources = config.resources
     tasks_retry = retry_bounds(resources, actor=False)
     dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     dataset = dataset.map_batches(
-        read_stage(config, passthrough), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
+        read_stage(config, passthrough, masks), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry
     )
+    # A read task yields a whole row group's pending rows; the generators take them in slices
+    # (runner.read_slice_rows: a crash loses at most a slice, and parts commit early).
+    dataset = dataset.repartition(target_num_rows_per_block=slice_rows)
     dataset = dataset.map_batches(
         GenerateImages,
         fn_constructor_kwargs=generator_kwargs(config),

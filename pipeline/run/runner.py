@@ -7,11 +7,10 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
@@ -20,13 +19,17 @@ from pipeline.core.io import filesystem, join
 from pipeline.core.layout import IMAGES_DIR, JOB_RECORD, METADATA_DIR, REJECTS_DIR, SHARDS_DIR, STATS_FILE, write_json
 from pipeline.output.publish import publish
 from pipeline.output.stats import JobStats, PartStats
+from pipeline.plan.executor import LocalExecutor, PlanExecutor, RayExecutor
 from pipeline.plan.job import (
     JobPlan,
+    check_job,
     plan_job,
     raise_for_bad_rows,
     write_rejects,
 )
 from pipeline.plan.ledger import clear_output
+from pipeline.plan.manifest import list_manifest_files
+from pipeline.plan.rows import RowPlan
 from pipeline.run.builder import build_dataset, model_info
 from pipeline.run.crashes import watch_failed_stage, worker_death
 from pipeline.run.session import init_ray
@@ -84,7 +87,8 @@ def resolve_resources(config: JobConfig) -> JobConfig:
 
 
 def read_slice_rows(remaining: int, config: JobConfig) -> int:
-    """Rows per read task. An actor task handles one whole slice and emits its images when done,
+    """Rows per block reaching the generator (the read stage's row groups are cut into blocks of
+    this size). An actor task handles one whole block and emits its images when done,
     so slices bound the work a crash can lose and the wait for the first commit (measured: 465 s
     with whole 10,000-row row groups, 64 s with 1,024-row slices): at most 256 rows, about 8 per
     actor, and at least 64 (cheap scheduling) unless a small job needs smaller slices to give
@@ -100,21 +104,19 @@ def read_slice_rows(remaining: int, config: JobConfig) -> int:
     return -(-rows // unit) * unit
 
 
-def pending_slices(job: JobPlan, config: JobConfig | None = None) -> list[dict[str, Any]]:
-    """Read tasks for the rows still to render: each a manifest slice plus the indices inside it
-    to `skip` (rows already done, and rejected rows). Slices with nothing left are dropped.
-    `config`: the job's config with its placement resolved (default: the plan's)."""
-    pending = job.pending
-    rows = read_slice_rows(int(pending.sum()), config or job.config)
-    tasks, offset = [], 0
-    for row_group in job.manifest.fragments:
-        for piece in row_group.split(rows):
-            start = offset + piece.start
-            todo = pending[start : start + piece.num_rows]
-            if todo.any():
-                tasks.append({**asdict(piece), "skip": np.flatnonzero(~todo).tolist()})
-        offset += row_group.num_rows
-    return tasks
+LOCAL_PLANNING_BYTES = 16 * 2**20
+
+
+def planning_executor(config: JobConfig, ray_address: str | None, *, metrics_port: int | None = None) -> PlanExecutor:
+    """Where the job is planned (`plan.rows`): as Ray tasks on the cluster when the driver joins
+    one, or when the manifest is larger than LOCAL_PLANNING_BYTES of Parquet (an embedded Ray
+    starts for it, as for rendering); else in this process, without starting Ray at all."""
+    if ray_address is None:
+        _, _, _, sizes = list_manifest_files(config.manifest, config.storage, sizes=True)
+        if sum(sizes) <= LOCAL_PLANNING_BYTES:
+            return LocalExecutor()
+    init_ray(ray_address, metrics_port=metrics_port)
+    return RayExecutor()
 
 
 def run_job(
@@ -134,7 +136,9 @@ def run_job(
     """
     start = time.perf_counter()
     started_at = _now()
-    job = plan_job(config, overwrite=overwrite)
+    check_job(config)  # the config's own mistakes stop it before Ray starts
+    executor = planning_executor(config, ray_address, metrics_port=metrics_port)
+    job = plan_job(config, overwrite=overwrite, executor=executor)
     raise_for_bad_rows(job)
     plan = job.manifest
     fs, root = filesystem(config.output, config.storage)
@@ -161,7 +165,7 @@ def run_job(
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
         init_ray(ray_address, metrics_port=metrics_port)
         config = resolve_resources(config)
-        _execute(config, pending_slices(job, config), remaining, stats, progress=progress, passthrough=job.passthrough)
+        _execute(config, job.manifest, remaining, stats, progress=progress, passthrough=job.passthrough)
     _publish(config, job.output)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
@@ -238,7 +242,7 @@ def _warn_about_limits(stats: JobStats) -> None:
 
 def _execute(
     config: JobConfig,
-    tasks: list[dict[str, Any]],
+    rows: RowPlan,
     remaining: int,
     stats: JobStats,
     *,
@@ -246,7 +250,13 @@ def _execute(
     passthrough: pa.Schema,
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
-    dataset = build_dataset(config, tasks, passthrough=passthrough)
+    dataset = build_dataset(
+        config,
+        rows.read_tasks(),
+        masks=rows.masks,
+        slice_rows=read_slice_rows(remaining, config),
+        passthrough=passthrough,
+    )
     with _progress_bar(remaining, enabled=progress) as bar, watch_failed_stage() as failed:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

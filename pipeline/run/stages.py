@@ -11,14 +11,16 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import SdxlBatchError
 from pipeline.output.stats import Call, PartStats
 from pipeline.output.writer import TELEMETRY, PartWriter
-from pipeline.plan.manifest import COLUMNS, Fragment, RowRules, read_fragment
+from pipeline.plan.manifest import COLUMNS, Fragment, RowRules
+from pipeline.plan.rows import read_pending, resolve, unpack_mask
 from pipeline.plan.schema import conform
 from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
 from pipeline.run.encoding import encode_batch
@@ -41,10 +43,10 @@ def require_columns(stage: str, batch: pa.Table, columns: tuple[str, ...]) -> No
 
 
 class ReadManifest:
-    """Read tasks (a manifest slice and the rows in it to skip) → manifest rows with every render
-    setting resolved."""
+    """Read tasks (a row group with rows to render) → its pending rows, with every render setting
+    resolved."""
 
-    needs = (*(f.name for f in fields(Fragment)), "skip")  # every field: a slice without `start` re-reads row 0
+    needs = (*(f.name for f in fields(Fragment)), "file", "file_rows")
 
     def __init__(
         self,
@@ -52,23 +54,32 @@ class ReadManifest:
         storage: StorageConfig,
         defaults: SettingDefaults,
         rules: RowRules,
+        masks: dict[int, Any],
         passthrough: pa.Schema | None = None,
     ):
-        """`passthrough`: the planned types of the manifest's other columns (plan.schema); every
-        slice is conformed to it, so all blocks share one schema. None keeps them as read."""
+        """`masks`: each manifest file's pending rows (`plan.rows`: packed bits, or a Ray object
+        reference to them); `passthrough`: the planned types of the manifest's other columns
+        (plan.schema); every slice is conformed to it, so all blocks share one schema. None
+        keeps them as read."""
         self.storage = storage
         self.defaults = defaults
         self.rules = rules
         self.passthrough = passthrough
+        self.masks = masks
+        self._opened: tuple[int, np.ndarray] | None = None  # the last file's mask: tasks come in file order
+
+    def _mask(self, file: int, rows: int) -> np.ndarray:
+        if self._opened is None or self._opened[0] != file:
+            self._opened = (file, unpack_mask(resolve(self.masks[file]), rows))
+        return self._opened[1]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns("read", batch, self.needs)
         tables = []
-        for row in batch.select(list(self.needs)).to_pylist():
-            skip = row.pop("skip") or []
-            fragment = Fragment(**row)
+        for task in batch.select(list(self.needs)).to_pylist():
             # Done rows (resume) and rejected rows never reach a GPU.
-            table = fill_settings(read_fragment(fragment, self.storage, rules=self.rules, reject=skip), self.defaults)
+            table = read_pending(task, self._mask(task["file"], task["file_rows"]), self.storage, self.rules)
+            table = fill_settings(table, self.defaults)
             tables.append(table if self.passthrough is None else conform(table, self.passthrough, keep=COLUMNS))
         return pa.concat_tables(tables, promote_options="permissive")
 

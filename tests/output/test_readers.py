@@ -28,7 +28,7 @@ from pipeline.core.io import filesystem
 from pipeline.core.layout import metadata_schema
 from pipeline.output.publish import publish
 from pipeline.output.writer import ModelInfo, PartWriter
-from pipeline.plan.manifest import plan_manifest
+from tests.helpers import plan_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 # Ids that webdataset readers split or lowercase, and the ones no file name can hold as they are.

@@ -34,16 +34,15 @@ from pipeline.plan.manifest import (
     RESERVED_COLUMNS,
     SEED_LIMIT,
     Fragment,
-    ManifestPlan,
     RowRules,
-    plan_manifest,
     read_fragment,
     rules_for,
 )
+from pipeline.plan.rows import RowPlan, read_pending
 from pipeline.plan.schema import conform
 from pipeline.plan.settings import group_by_settings
-from pipeline.run.runner import pending_slices
 from pipeline.run.stages import ReadManifest
+from tests.helpers import pending_mask, plan_manifest
 
 _FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -391,50 +390,42 @@ def expected_rejected(files: list[FileSpec], rules: RowRules) -> tuple[np.ndarra
 # Properties 1 and 2: planning and reading random manifests
 
 
-def _global_starts(plan: ManifestPlan) -> dict[str, int]:
-    return {uri: int(start) for uri, start in zip(plan.files, np.cumsum([0, *plan.file_rows]), strict=False)}
-
-
-def check_slices(plan: ManifestPlan, files: list[FileSpec], root: Path, rows_per_slice: int, rules: RowRules) -> None:
-    """Every slice reads back exactly the rows the plan kept, normalised, with their source values."""
-    starts = _global_starts(plan)
+def check_slices(plan: RowPlan, files: list[FileSpec], root: Path, rules: RowRules) -> None:
+    """Every read task reads back exactly the rows the plan kept, normalised, with their source values."""
     by_uri = {str(root / spec.relpath): spec for spec in files}
-    kept = ~plan.rejected
     read_ids: list[str] = []
-    for fragment in plan.fragments:
-        spec = by_uri[fragment.uri]
+    for task in plan.read_tasks():
+        spec = by_uri[task["uri"]]
         rows = source_rows(spec)
-        for piece in fragment.split(rows_per_slice):
-            first = starts[piece.uri] + piece.row_offset
-            reject = np.flatnonzero(plan.rejected[first : first + piece.num_rows]).tolist()
-            table = read_fragment(piece, rules=rules, reject=reject)
-            assert table.num_rows == piece.num_rows - len(reject)
-            assert table.column_names[:8] == list(KNOWN)
-            assert [table.schema.field(i).type for i in range(8)] == [TARGET_TYPES[n] for n in KNOWN]
-            assert table.column_names[8:] == [n for n in spec.names if n not in KNOWN]
-            positions = [piece.row_offset + i for i in range(piece.num_rows) if i not in reject]
-            ids = table.column("id").to_pylist()
-            assert ids == [plan.ids[first - piece.row_offset + p].as_py() for p in positions]
-            read_ids += ids
-            for got, p in zip(table.to_pylist(), positions, strict=True):
-                row = rows[p]
-                assert got["prompt"] == row["prompt"] and got["prompt"].strip()
-                assert got["seed"] == row["seed"] and 0 <= got["seed"] < SEED_LIMIT
-                for name in ("negative_prompt", "width", "height", "steps", "guidance_scale"):
-                    assert got[name] == row.get(name)
-                if got["width"] is not None:
-                    assert got["width"] % 8 == 0
-                if got["guidance_scale"] is not None:
-                    assert math.isfinite(got["guidance_scale"])
-            conformed = conform(table, plan.passthrough, keep=KNOWN)
-            assert conformed.column_names == [*KNOWN, *plan.passthrough.names]
-            for name in table.column_names[8:]:
-                source = spec.array(name).take(pa.array(positions, pa.int64()))
-                assert repr(table.column(name).to_pylist()) == repr(source.to_pylist())
-                assert _same_values(conformed.column(name).to_pylist(), source.to_pylist())  # lossless
-            for name in set(plan.passthrough.names) - set(table.column_names):
-                assert conformed.column(name).null_count == table.num_rows
-    expected = [i for i, keep in zip(plan.ids.to_pylist(), kept, strict=True) if keep]
+        mask = plan.pending_mask(task["file"])
+        table = read_pending(task, mask, None, rules)
+        assert table.num_rows == task["pending"]
+        assert table.column_names[:8] == list(KNOWN)
+        assert [table.schema.field(i).type for i in range(8)] == [TARGET_TYPES[n] for n in KNOWN]
+        assert table.column_names[8:] == [n for n in spec.names if n not in KNOWN]
+        positions = [p for p in range(task["row_offset"], task["row_offset"] + task["num_rows"]) if mask[p]]
+        ids = table.column("id").to_pylist()
+        read_ids += ids
+        for got, p in zip(table.to_pylist(), positions, strict=True):
+            row = rows[p]
+            assert got["prompt"] == row["prompt"] and got["prompt"].strip()
+            assert got["seed"] == row["seed"] and 0 <= got["seed"] < SEED_LIMIT
+            for name in ("negative_prompt", "width", "height", "steps", "guidance_scale"):
+                assert got[name] == row.get(name)
+            if got["width"] is not None:
+                assert got["width"] % 8 == 0
+            if got["guidance_scale"] is not None:
+                assert math.isfinite(got["guidance_scale"])
+        conformed = conform(table, plan.passthrough, keep=KNOWN)
+        assert conformed.column_names == [*KNOWN, *plan.passthrough.names]
+        for name in table.column_names[8:]:
+            source = spec.array(name).take(pa.array(positions, pa.int64()))
+            assert repr(table.column(name).to_pylist()) == repr(source.to_pylist())
+            assert _same_values(conformed.column(name).to_pylist(), source.to_pylist())  # lossless
+        for name in set(plan.passthrough.names) - set(table.column_names):
+            assert conformed.column(name).null_count == table.num_rows
+    rejected, ids = expected_rejected(files, rules)
+    expected = [i for i, bad in zip(ids, rejected, strict=True) if not bad]
     assert read_ids == expected
     assert len(set(read_ids)) == len(read_ids) and None not in read_ids
 
@@ -446,17 +437,19 @@ def _same_values(a: list[Any], b: list[Any]) -> bool:
     return [norm(v) for v in a] == [norm(v) for v in b]
 
 
-def check_plan(plan: ManifestPlan, files: list[FileSpec], root: Path, keep: bool, rules: RowRules) -> None:
-    rejected, ids = expected_rejected(files, rules)
-    assert plan.total_rows == len(plan.ids) == len(plan.rejected) == sum(plan.file_rows) == len(rejected)
-    assert plan.ids.to_pylist() == ids
-    assert plan.rejected.tolist() == rejected.tolist()
+def check_plan(plan: RowPlan, files: list[FileSpec], root: Path, keep: bool, rules: RowRules) -> None:
+    rejected, _ = expected_rejected(files, rules)
+    assert plan.total_rows == len(rejected) == sum(sum(scan.row_groups) for scan in plan.scans)
+    assert (~pending_mask(plan)).tolist() == rejected.tolist()
     assert plan.problem_count == int(rejected.sum()) == sum(plan.problem_columns.values())
     assert plan.problems.num_rows == (plan.problem_count if keep else min(plan.problem_count, 20))
-    assert plan.good_rows == plan.total_rows - plan.problem_count
+    assert plan.good_rows == plan.total_rows - plan.problem_count == plan.pending_rows
     for line in plan.problem_lines(limit=1000):
         assert line.startswith(f"file {root}") and ", row " in line and ", column '" in line
-    assert sum(fragment.num_rows for fragment in plan.fragments) == plan.total_rows
+    if keep:  # every bad row is listed, at its position
+        starts = dict(zip(plan.files, np.cumsum([0, *(scan.rows for scan in plan.scans)]).tolist(), strict=False))
+        listed = sorted(starts[r["file"]] + r["row"] for r in plan.problems.select(["file", "row"]).to_pylist())
+        assert listed == np.flatnonzero(rejected).tolist()
 
 
 def _expect_manifest_error(error: SdxlBatchError, root: Path) -> None:
@@ -465,10 +458,9 @@ def _expect_manifest_error(error: SdxlBatchError, root: Path) -> None:
 
 
 @fuzz(250)
-@given(files=manifests(), rows_per_slice=st.integers(1, 6))
+@given(files=manifests())
 @example(  # a NaN seed passed planning, then failed the cast to int64 in read_fragment
     files=[FileSpec("a.parquet", [("prompt", "string", ["p"]), ("seed", "float64", [math.nan])], 1, "none")],
-    rows_per_slice=1,
 )
 @example(  # NaN width and guidance passed planning; NaN width crashed normalize, NaN guidance reached the model
     files=[
@@ -484,7 +476,6 @@ def _expect_manifest_error(error: SdxlBatchError, root: Path) -> None:
             "none",
         )
     ],
-    rows_per_slice=1,
 )
 @example(  # an integer setting past 2**53 raised ArrowInvalid from the cast to float64
     files=[
@@ -500,13 +491,11 @@ def _expect_manifest_error(error: SdxlBatchError, root: Path) -> None:
             "none",
         )
     ],
-    rows_per_slice=1,
 )
 @example(  # a duplicated column name raised KeyError from the schema check
     files=[
         FileSpec("a.parquet", [("prompt", "string", ["p"]), ("seed", "int64", [1]), ("seed", "int64", [2])], 1, "none")
     ],
-    rows_per_slice=1,
 )
 @example(  # the seed range's edges: 2**63 - 1 is the last seed; float32 rounds 2**63 - 1024 up to 2**63
     files=[
@@ -515,9 +504,8 @@ def _expect_manifest_error(error: SdxlBatchError, root: Path) -> None:
             "b.parquet", [("prompt", "string", ["p", "q"]), ("seed", "float32", [2.0**62, 2.0**63 - 1024])], 2, "none"
         ),
     ],
-    rows_per_slice=2,
 )
-def test_random_manifests_plan_and_read(files: list[FileSpec], rows_per_slice: int) -> None:
+def test_random_manifests_plan_and_read(files: list[FileSpec]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_all(files, root)
@@ -530,7 +518,7 @@ def test_random_manifests_plan_and_read(files: list[FileSpec], rows_per_slice: i
                 outcomes.append(None)
                 continue
             check_plan(plan, files, root, keep, GENERIC_RULES)
-            outcomes.append(plan.rejected.tolist())
+            outcomes.append((~pending_mask(plan)).tolist())
         assert outcomes[0] == outcomes[1]
         problem = schema_problem(files)
         event(
@@ -542,7 +530,7 @@ def test_random_manifests_plan_and_read(files: list[FileSpec], rows_per_slice: i
         )
         assert (outcomes[0] is None) == (problem is not None), problem
         if outcomes[0] is not None:
-            check_slices(plan, files, root, rows_per_slice, GENERIC_RULES)
+            check_slices(plan, files, root, GENERIC_RULES)
 
 
 def test_duplicate_column_name_is_a_clear_error(tmp_path: Path) -> None:
@@ -603,15 +591,13 @@ def test_random_jobs_validate(
         else:
             assert on_bad_row == "skip" or not job.manifest.problem_count
             assert len(write_rejects(job)) == len({str(f) for f in job.manifest.problems.column("file").to_pylist()})
-        stage = ReadManifest(storage=config.storage, defaults=job.defaults, rules=rules)
-        tasks = pending_slices(job)
+        stage = ReadManifest(storage=config.storage, defaults=job.defaults, rules=rules, masks=job.manifest.masks)
         rows = 0
-        for task in tasks:
+        for task in job.manifest.read_tasks():
             table = stage(pa.Table.from_pylist([task]))
             rows += table.num_rows
+            assert table.num_rows == task["pending"]
             assert sum(len(ix) for ix in group_by_settings(table).values()) == table.num_rows
-            fragment = Fragment(**{k: v for k, v in task.items() if k != "skip"})
-            assert read_fragment(fragment, rules=rules, reject=task["skip"]).num_rows == table.num_rows
         assert rows == job.pending_rows == job.manifest.good_rows
         assert sum(count for _, count in job.render_groups()) == job.pending_rows
 
@@ -659,11 +645,8 @@ corruptions = st.builds(
     files=manifests(weird=False, max_rows=12),
     compression=st.sampled_from(["none", "snappy", "zstd", "gzip"]),
     corruption=corruptions,
-    rows_per_slice=st.integers(1, 6),
 )
-def test_corrupted_manifests(
-    files: list[FileSpec], compression: str, corruption: Corruption, rows_per_slice: int
-) -> None:
+def test_corrupted_manifests(files: list[FileSpec], compression: str, corruption: Corruption) -> None:
     files = [replace(files[0], compression=compression), *files[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -677,18 +660,14 @@ def test_corrupted_manifests(
             event(f"{corruption.kind}: refused by plan_manifest")
             return
         event(f"{corruption.kind}: planned")
-        starts = _global_starts(plan)
-        for fragment in plan.fragments:
-            for piece in fragment.split(rows_per_slice):
-                first = starts[piece.uri] + piece.row_offset
-                reject = np.flatnonzero(plan.rejected[first : first + piece.num_rows]).tolist()
-                try:
-                    table = read_fragment(piece, reject=reject)
-                except SdxlBatchError as error:
-                    _expect_manifest_error(error, root)
-                    event(f"{corruption.kind}: refused by read_fragment")
-                    continue
-                assert table.num_rows == piece.num_rows - len(reject)
+        for task in plan.read_tasks():
+            try:
+                table = read_pending(task, plan.pending_mask(task["file"]), None)
+            except SdxlBatchError as error:
+                _expect_manifest_error(error, root)
+                event(f"{corruption.kind}: refused by read_fragment")
+                continue
+            assert table.num_rows == task["pending"]
 
 
 def test_garbled_column_name_in_footer_is_a_clear_error(tmp_path: Path) -> None:
@@ -721,12 +700,13 @@ def test_text_that_is_not_utf8_is_a_clear_error(tmp_path: Path, column: str) -> 
     pq.write_table(table, path, row_group_size=2)
     with pytest.raises(ManifestError, match="not valid UTF-8") as info:
         plan = plan_manifest(str(path))  # reads the prompts, not the pass-through columns
-        for fragment in plan.fragments:
-            read_fragment(fragment)
+        for task in plan.read_tasks():
+            read_pending(task, plan.pending_mask(task["file"]), None)
     assert f"file {path}, row 0, column '{column}'" in str(info.value)
     if column == "note":  # the second row group: rows count from the file's start
+        task = plan.read_tasks()[1]
         with pytest.raises(ManifestError, match=f"row 2, column '{column}'"):
-            read_fragment(plan.fragments[1])
+            read_fragment(Fragment(**{name: task[name] for name in Fragment.__dataclass_fields__}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import pytest
 from pipeline.core.config import build_config
 from pipeline.core.errors import ConfigError, ManifestError, ModelError
 from pipeline.plan.job import plan_job, raise_for_bad_rows, write_rejects
-from pipeline.plan.manifest import plan_manifest, read_fragment, rules_for
-from pipeline.run.runner import pending_slices
-from tests.helpers import prompt_rows, write_manifest
+from pipeline.plan.manifest import Fragment, read_fragment, rules_for
+from pipeline.plan.rows import iter_pending
+from tests.helpers import pending_ids, pending_mask, plan_manifest, prompt_rows, write_manifest
 
 
 def _job(tmp_path: Path, rows: list[dict[str, Any]], *, schema: pa.Schema | None = None, **config: Any) -> Any:
@@ -49,7 +49,7 @@ def test_each_kind_of_bad_row_is_named_with_file_row_and_column(
     good = {"id": "a", "prompt": "fine", "seed": 1, "width": 1024, "height": 1024, "steps": 4, "guidance_scale": 0.0}
     rows = [good, {**good, "id": "b", **row}]
     job = _job(tmp_path, rows)
-    assert job.manifest.problem_count == 1 and job.manifest.rejected.tolist() == [False, True]
+    assert job.manifest.problem_count == 1 and (~pending_mask(job.manifest)).tolist() == [False, True]
     with pytest.raises(ManifestError) as info:
         raise_for_bad_rows(job)
     message = str(info.value)
@@ -61,10 +61,10 @@ def test_seeds_stored_as_floats_must_be_integral_and_in_range(tmp_path: Path) ->
     schema = pa.schema([("prompt", pa.string()), ("seed", pa.float64())])
     rows = [{"prompt": "p", "seed": s} for s in (3.0, 2.5, float("nan"), 2.0**64, -1.0, float("inf"))]
     job = _job(tmp_path, rows, schema=schema, on_bad_row="skip")
-    assert job.manifest.rejected.tolist() == [False, True, True, True, True, True]
+    assert (~pending_mask(job.manifest)).tolist() == [False, True, True, True, True, True]
     reasons = job.manifest.problems.column("reason").to_pylist()
     assert "not an integer" in reasons[0] and "out of range" in reasons[2]
-    table = read_fragment(job.manifest.fragments[0], rules=rules_for(job.preset), reject=[1, 2, 3, 4, 5])
+    (table,) = iter_pending(job.manifest, None, rules_for(job.preset))
     assert table.column("seed").to_pylist() == [3] and table.schema.field("seed").type == pa.int64()
 
 
@@ -107,33 +107,38 @@ def test_skip_mode_keeps_every_problem_and_writes_rejects(tmp_path: Path) -> Non
 
 
 def test_read_tasks_skip_rejected_and_done_rows_by_position(tmp_path: Path) -> None:
+    from pipeline.core.layout import metadata_schema
+    from pipeline.plan.ledger import settings_fingerprint
+    from pipeline.plan.schema import conform
+
     rows = prompt_rows(40, with_ids=False)  # derived ids depend on positions: dropping rows must not shift them
     rows[3]["prompt"] = ""
     rows[17]["seed"] = -1
     write_manifest(tmp_path / "m.parquet", rows, row_group_size=16)
     data = {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o"), "on_bad_row": "skip"}
-    job = plan_job(build_config({**data, "model": {"preset": "tiny"}}))
-    job.finished[[0, 20, 21]] = True  # as if a previous run had committed these rows
-    tasks = pending_slices(job)
-    assert sum(t["num_rows"] - len(t["skip"]) for t in tasks) == job.pending_rows == 35
-    ids = []
-    for task in tasks:
-        skip = task.pop("skip")
-        from pipeline.plan.manifest import Fragment
-
-        ids += read_fragment(Fragment(**task), reject=skip).column("id").to_pylist()
-    expected = [i for n, i in enumerate(job.manifest.ids.to_pylist()) if n not in (0, 3, 17, 20, 21)]
-    assert ids == expected and ids[0] == "m-000000001"
+    config = build_config({**data, "model": {"preset": "tiny"}})
+    # As if a previous run had committed rows 0, 20 and 21.
+    (tmp_path / "o" / "metadata").mkdir(parents=True)
+    done = pa.table({"id": [f"m-{i:09d}" for i in (0, 20, 21)]})
+    schema = metadata_schema(pa.schema([("note", pa.string())]))  # prompt_rows have a `note`
+    pq.write_table(conform(done, schema), tmp_path / "o" / "metadata" / "part-x.parquet")
+    (tmp_path / "o" / "job.json").write_text(json.dumps({"fingerprint": settings_fingerprint(config)}))
+    job = plan_job(config)
+    assert job.done_rows == 3 and job.pending_rows == 35
+    assert sum(t["pending"] for t in job.manifest.read_tasks()) == 35
+    expected = [f"m-{n:09d}" for n in range(40) if n not in (0, 3, 17, 20, 21)]
+    assert pending_ids(job.manifest) == expected and expected[0] == "m-000000001"
 
 
 def test_a_row_changed_after_planning_stops_the_read_stage(tmp_path: Path) -> None:
     write_manifest(tmp_path / "m.parquet", prompt_rows(4))
     plan = plan_manifest(str(tmp_path / "m.parquet"))
+    task = plan.read_tasks()[0]
     rows = prompt_rows(4)
     rows[2]["seed"] = -7
     write_manifest(tmp_path / "m.parquet", rows)
     with pytest.raises(ManifestError, match=r"row 2, column 'seed'.*changed after the job was planned"):
-        read_fragment(plan.fragments[0])
+        read_fragment(Fragment(**{name: task[name] for name in Fragment.__dataclass_fields__}))
 
 
 def test_job_level_settings_are_checked_against_the_preset(tmp_path: Path) -> None:
@@ -185,9 +190,13 @@ def test_estimate_uses_a_previous_measurement_with_the_same_settings(tmp_path: P
     assert _job(tmp_path, rows).estimate() is None  # other settings: no estimate
 
 
-def test_planning_memory_holds_no_prompts(tmp_path: Path) -> None:
-    rows = [{"prompt": "x" * 2000, "seed": i} for i in range(2000)]
-    job = _job(tmp_path, rows)
-    kept = job.manifest.ids.nbytes + job.manifest.setting_values.nbytes + job.manifest.rejected.nbytes
-    assert kept < 2000 * 100  # ids and settings only: the 4 MB of prompts are not held
-    assert isinstance(job.manifest.rejected, np.ndarray)
+def test_planning_memory_holds_no_row(tmp_path: Path) -> None:
+    """What the plan keeps is per file and per row group: the pending rows are a bit per row in a
+    packed mask that only the read stage opens."""
+    rows = [{"prompt": "x" * 2000, "seed": i} for i in range(20_000)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5_000)
+    job = plan_job(build_config({"manifest": str(path), "output": str(tmp_path / "out"), "model": {"preset": "tiny"}}))
+    assert job.pending_rows == 20_000 and job.manifest.pending_row_groups == {0: [5_000] * 4}
+    (mask,) = job.manifest.masks.values()
+    assert isinstance(mask, np.ndarray) and mask.nbytes == 20_000 // 8

@@ -6,13 +6,21 @@ import pytest
 
 from pipeline.core.config import JobConfig
 from pipeline.core.errors import ConfigError
+from pipeline.core.io import filesystem
+from pipeline.core.layout import committed_parts
 from pipeline.plan.ledger import (
     check_fingerprint,
     clear_output,
     read_committed_schema,
-    read_done_ids,
     settings_fingerprint,
 )
+
+
+def _committed(config: JobConfig) -> tuple[list[str], object]:
+    """The committed parts the planner would read, and their schema."""
+    fs, root = filesystem(config.output, config.storage)
+    parts = committed_parts(fs, root)
+    return parts, read_committed_schema(fs, parts)
 
 
 def _config(tmp_path: Path, **generation: object) -> JobConfig:
@@ -43,7 +51,7 @@ def test_clear_output_removes_only_what_a_job_writes(tmp_path: Path) -> None:
 
 
 def test_no_metadata_means_nothing_done(tmp_path: Path) -> None:
-    assert len(read_done_ids(_config(tmp_path))) == 0
+    assert _committed(_config(tmp_path)) == ([], None)
 
 
 @pytest.mark.parametrize("leftover", [None, ".part-1.parquet.0123456789abcdef0123456789abcdef.tmp"])
@@ -54,8 +62,7 @@ def test_a_metadata_folder_without_a_committed_part_means_nothing_done(tmp_path:
     folder.mkdir(parents=True)
     if leftover:
         (folder / leftover).write_bytes(b"PAR1 half a part")
-    assert len(read_done_ids(_config(tmp_path))) == 0
-    assert read_committed_schema(_config(tmp_path)) is None
+    assert _committed(_config(tmp_path)) == ([], None)
 
 
 @pytest.mark.integration
@@ -65,4 +72,4 @@ def test_an_empty_metadata_folder_on_s3_means_nothing_done(s3_bucket: str, s3_en
 
     s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"]).pipe(f"{s3_bucket}/out/metadata/", b"")
     config = JobConfig.model_validate({"manifest": "m.parquet", "output": f"s3://{s3_bucket}/out"})
-    assert len(read_done_ids(config)) == 0 and read_committed_schema(config) is None
+    assert _committed(config) == ([], None)

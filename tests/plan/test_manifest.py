@@ -8,8 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import ManifestError
-from pipeline.plan.manifest import plan_manifest, read_fragment
-from tests.helpers import prompt_rows, write_manifest
+from pipeline.plan.manifest import Fragment, read_fragment
+from tests.helpers import pending_ids, pending_mask, plan_manifest, prompt_rows, write_manifest
+
+
+def _fragment(task: dict[str, Any]) -> Fragment:
+    return Fragment(**{name: task[name] for name in Fragment.__dataclass_fields__})
 
 
 def test_single_file_folder_and_glob(tmp_path: Path) -> None:
@@ -28,12 +32,12 @@ def test_derived_ids_are_stable_and_unique(tmp_path: Path) -> None:
     write_manifest(tmp_path / "m" / "sub" / "a.parquet", prompt_rows(3, with_ids=False))
     first = plan_manifest(str(tmp_path / "m"))
     second = plan_manifest(str(tmp_path / "m"))
-    ids = first.ids.to_pylist()
-    assert ids == second.ids.to_pylist()
+    ids = pending_ids(first)
+    assert ids == pending_ids(second)
     assert ids[:5] == [f"a-{i:09d}" for i in range(5)]
     assert ids[5:] == [f"sub__a-{i:09d}" for i in range(3)]
-    # Row groups carry their offsets, so the read stage derives the same ids.
-    read = [i for f in first.fragments for i in read_fragment(f).column("id").to_pylist()]
+    # Row groups carry their offsets, so every read derives the same ids.
+    read = [i for task in first.read_tasks() for i in read_fragment(_fragment(task)).column("id").to_pylist()]
     assert read == ids
 
 
@@ -43,7 +47,7 @@ def test_read_fragment_normalises_schema_and_keeps_pass_through(tmp_path: Path) 
         {"prompt": "q", "seed": 2, "width": None, "guidance_scale": None, "extra": [], "tag": None},
     ]
     plan = plan_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
-    table = read_fragment(plan.fragments[0])
+    table = read_fragment(_fragment(plan.read_tasks()[0]))
     assert table.column_names[:8] == [
         "id",
         "prompt",
@@ -92,7 +96,7 @@ def test_bad_rows_are_reported_with_row_and_column(
     tmp_path: Path, rows: list[dict[str, Any]], column: str, row: int
 ) -> None:
     plan = _plan(tmp_path, rows)
-    assert plan.problem_count == 1 and plan.rejected.tolist() == [i == row for i in range(len(rows))]
+    assert plan.problem_count == 1 and (~pending_mask(plan)).tolist() == [i == row for i in range(len(rows))]
     assert f"bad.parquet, row {row}, column '{column}'" in plan.problem_lines()[0]
 
 
@@ -105,13 +109,13 @@ def _plan(tmp_path: Path, rows: list[dict[str, Any]], schema: pa.Schema | None =
 def test_seed_above_int63_in_uint64_column(tmp_path: Path) -> None:
     schema = pa.schema([("prompt", pa.string()), ("seed", pa.uint64())])
     plan = _plan(tmp_path, [{"prompt": "p", "seed": 2**63 - 1}, {"prompt": "p", "seed": 2**63}], schema)
-    assert plan.rejected.tolist() == [False, True] and "2**63" in plan.problem_lines()[0]
+    assert (~pending_mask(plan)).tolist() == [False, True] and "2**63" in plan.problem_lines()[0]
 
 
 def test_duplicate_ids_keep_the_first_occurrence(tmp_path: Path) -> None:
     rows = [{"id": i, "prompt": "p", "seed": 1} for i in ("a", "b", "a", "c", "a")]
     plan = _plan(tmp_path, rows)
-    assert plan.rejected.tolist() == [False, False, True, False, True]
+    assert (~pending_mask(plan)).tolist() == [False, False, True, False, True]
     assert all("duplicate id (first at file" in line and "row 0)" in line for line in plan.problem_lines())
 
 
@@ -135,18 +139,21 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
         plan_manifest(str(tmp_path / "empty"))
 
 
-def test_row_groups_split_into_slices_with_the_same_ids(tmp_path: Path) -> None:
-    write_manifest(tmp_path / "m.parquet", prompt_rows(25, with_ids=False), row_group_size=10)
-    plan = plan_manifest(str(tmp_path / "m.parquet"))
-    slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
-    assert [s.num_rows for s in slices] == [4, 4, 2, 4, 4, 2, 4, 1]
-    read = [i for s in slices for i in read_fragment(s).column("id").to_pylist()]
-    assert read == plan.ids.to_pylist()
+def test_read_tasks_are_the_row_groups_with_pending_rows(tmp_path: Path) -> None:
+    rows = prompt_rows(25, with_ids=False)
+    for i in range(10):
+        rows[i]["prompt"] = ""  # the whole first row group is bad: no read task for it
+    write_manifest(tmp_path / "m.parquet", rows, row_group_size=10)
+    plan = plan_manifest(str(tmp_path / "m.parquet"), keep_problems=True)
+    tasks = plan.read_tasks()
+    assert [(t["row_group"], t["row_offset"], t["num_rows"], t["pending"]) for t in tasks] == [
+        (1, 10, 10, 10),
+        (2, 20, 5, 5),
+    ]
+    assert pending_ids(plan) == [f"m-{i:09d}" for i in range(10, 25)]
 
 
-def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
-    from dataclasses import asdict
-
+def test_read_stage_reads_each_row_group_once(tmp_path: Path) -> None:
     from pipeline.core.config import JobConfig
     from pipeline.models.presets import get_preset
     from pipeline.plan.manifest import rules_for
@@ -155,9 +162,10 @@ def test_read_stage_reads_each_slice_once(tmp_path: Path) -> None:
 
     write_manifest(tmp_path / "m.parquet", prompt_rows(25), row_group_size=10)
     plan = plan_manifest(str(tmp_path / "m.parquet"))
-    slices = [piece for fragment in plan.fragments for piece in fragment.split(4)]
     config = JobConfig.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "o")})
     rules = rules_for(get_preset(config.model.preset))
-    stage = ReadManifest(storage=config.storage, defaults=SettingDefaults(128, 128, 4, 0.0), rules=rules)
-    ids = [i for s in slices for i in stage(pa.Table.from_pylist([{**asdict(s), "skip": []}])).column("id").to_pylist()]
-    assert ids == plan.ids.to_pylist()
+    stage = ReadManifest(
+        storage=config.storage, defaults=SettingDefaults(128, 128, 4, 0.0), rules=rules, masks=plan.masks
+    )
+    ids = [i for task in plan.read_tasks() for i in stage(pa.Table.from_pylist([task])).column("id").to_pylist()]
+    assert ids == pending_ids(plan) == [r["id"] for r in prompt_rows(25)]

@@ -18,6 +18,10 @@ class RecordedGraph:
         self.stages.append((getattr(fn, "__name__", type(fn).__name__), kwargs))
         return self
 
+    def repartition(self, **kwargs: Any) -> RecordedGraph:
+        self.stages.append(("repartition", kwargs))
+        return self
+
 
 @pytest.mark.parametrize("max_retries", [None, 0, 5])
 def test_every_stage_bounds_the_restarts_and_retries_of_its_dead_workers(
@@ -31,11 +35,12 @@ def test_every_stage_bounds_the_restarts_and_retries_of_its_dead_workers(
     if max_retries is not None:
         resources["max_retries"] = max_retries
     config = JobConfig.model_validate({"manifest": "m.parquet", "output": "out", "resources": resources})
-    build_dataset(config, [])
+    build_dataset(config, [], masks={}, slice_rows=64)
 
     bound = 2 if max_retries is None else max_retries  # a small default: Ray Data's is unbounded (-1)
     stages = dict(graph.stages)
-    assert list(stages) == ["ReadManifest", "GenerateImages", "EncodeImages", "WriteParts"]
+    assert list(stages) == ["ReadManifest", "repartition", "GenerateImages", "EncodeImages", "WriteParts"]
+    assert stages["repartition"] == {"target_num_rows_per_block": 64}  # the generators' slices
     assert stages["GenerateImages"]["max_restarts"] == bound and stages["GenerateImages"]["max_task_retries"] == bound
     assert "max_retries" not in stages["GenerateImages"]  # an actor option Ray would reject
     for task in ("ReadManifest", "EncodeImages", "WriteParts"):
@@ -54,7 +59,7 @@ def test_ray_constructs_the_generator_from_what_it_uses(monkeypatch: pytest.Monk
     graph = RecordedGraph()
     monkeypatch.setattr(ray.data, "from_items", lambda items, **kwargs: graph)
     config = JobConfig.model_validate({"manifest": "m.parquet", "output": "s3://bucket/jobs/out/"})
-    build_dataset(config, [])
+    build_dataset(config, [], masks={}, slice_rows=64)
     kwargs = dict(graph.stages)["GenerateImages"]["fn_constructor_kwargs"]
     assert set(kwargs) == set(inspect.signature(GenerateImages).parameters)
     assert kwargs["model"] == config.model and kwargs["batch_size"] == config.generation.batch_size
