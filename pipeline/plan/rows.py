@@ -196,10 +196,11 @@ def _settings_codes(chunks: list[np.ndarray]) -> tuple[list[Settings], np.ndarra
     """The distinct settings of a file's rows, and each row's index among them."""
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, len(SETTING_COLUMNS)))
     if not len(matrix) or (matrix == _NULL_SETTING).all():
-        return [(None, None, None, None)], np.zeros(len(matrix), dtype=np.int32)
+        return [(None, None, None, None)], np.zeros(len(matrix), dtype=np.uint8)
     distinct, codes = np.unique(np.nan_to_num(matrix, nan=-2.0), axis=0, return_inverse=True)
     settings = [tuple(None if v == _NULL_SETTING else float(v) for v in row) for row in distinct]
-    return settings, codes.reshape(-1).astype(np.int32)  # type: ignore[return-value]
+    dtype = np.uint8 if len(settings) <= 2**8 else np.uint16 if len(settings) <= 2**16 else np.int32
+    return settings, codes.reshape(-1).astype(dtype)  # type: ignore[return-value]
 
 
 def read_done(output: str, storage: StorageConfig | None, paths: list[str], partitions: int) -> tuple[Any, ...]:
