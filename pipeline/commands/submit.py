@@ -1,6 +1,8 @@
 """Remote submission through the Ray Jobs API (`JobSubmissionClient`, the head's dashboard port).
 
-`submit` validates the job locally first (the checks `run` makes), then ships `pipeline/`,
+`submit` validates the job locally first (the checks `run` makes; a manifest of more than
+`runner.LOCAL_PLANNING_BYTES` has its rows checked by the job itself, on the cluster, where its
+planning tasks run beside the data), then ships `pipeline/`,
 `jobs/`, `configs/` and the job's config file as the job's working directory; on the cluster,
 `python jobs/generate.py CONFIG ...` runs `sdxl-batch run` as the job's driver, which joins the
 cluster (Ray sets RAY_ADDRESS for it).
@@ -12,6 +14,7 @@ token from `RAY_AUTH_TOKEN`, the file in `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
 import shutil
 import tempfile
@@ -34,6 +37,8 @@ from pipeline.run.session import QUIET_ENV
 
 if TYPE_CHECKING:
     from pipeline.core.config import JobConfig
+
+logger = logging.getLogger(__name__)
 
 # The checkout that holds the package (found from the package itself, wherever this module sits).
 REPO = Path(pipeline.__file__).resolve().parents[1]
@@ -154,11 +159,21 @@ def submit(
     validate: bool = True,
 ) -> Submission:
     """Validate the job, then submit it to the cluster's Jobs API; returns its submission id."""
-    from pipeline.plan.job import plan_job, raise_for_bad_rows
+    from pipeline.plan.job import check_job, plan_job, raise_for_bad_rows
+    from pipeline.plan.manifest import list_manifest_files
+    from pipeline.run.runner import LOCAL_PLANNING_BYTES
 
     check_paths(config)
     if validate:
-        raise_for_bad_rows(plan_job(config))
+        check_job(config)
+        _, _, _, sizes = list_manifest_files(config.manifest, config.storage, sizes=True)
+        if sum(sizes) <= LOCAL_PLANNING_BYTES:
+            raise_for_bad_rows(plan_job(config))
+        else:  # planned where the data is: by the job's own driver, on the cluster, before any GPU work
+            logger.info(
+                "the manifest holds %.0f MiB of Parquet: its rows are checked on the cluster, as the job starts",
+                sum(sizes) / 2**20,
+            )
     command = entrypoint(manifest=manifest, output=output, overrides=overrides or [])
     jobs = client(address)
     job_id = f"sdxl-batch-{_slug(job_label(config.output))}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
