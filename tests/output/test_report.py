@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -192,6 +193,36 @@ def test_samples_are_spread_evenly_and_sorted(tmp_path: Path) -> None:
     assert shown == ["row-000", "row-010", "row-020", "row-029", "row-039"]
     assert len(page.images) == 5
     assert "5 of 40 rows" in " ".join(" ".join(page.text).split())
+
+
+def test_samples_come_from_the_footers_and_the_parts_holding_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts whose ids interleave (part k holds rows k, k+10, k+20, k+30): the parts are ordered by
+    their smallest id (footer statistics), each part's rows by id, and only the parts holding a
+    sampled row are read, so the pick is deterministic and spread over every part."""
+    from pipeline.output import streaming
+    from pipeline.output.report import read
+
+    writer = PartWriter(output=str(tmp_path / "out"), layout="files", image_format="png", model=ModelInfo("t", "E"))
+    for k in range(10):
+        ids = [f"row-{k + step:03d}" for step in (0, 10, 20, 30)]
+        writer.write(_batch(ids, [f"prompt {i}" for i in ids], actor="actor0", started=time.time()))
+    reads: list[str] = []
+
+    def read_columns(fs: Any, path: str, columns: list[str]) -> pa.Table:
+        reads.append(path)
+        return streaming.read_columns(fs, path, columns)
+
+    monkeypatch.setattr(read, "read_columns", read_columns)
+    fs, root = filesystem(str(tmp_path / "out"))
+    contents = read.read_output(fs, root, str(tmp_path / "out"), samples=5)
+    assert [row["id"] for row in contents.samples] == ["row-000", "row-005", "row-017", "row-022", "row-039"]
+    assert contents.metadata_rows == 40 and contents.metadata_parts == 10
+    assert len(reads) == 5 and len(set(reads)) == 5  # the five holders, each once
+    assert [r["id"] for r in read.read_output(fs, root, "out", samples=5).samples] == [
+        r["id"] for r in contents.samples
+    ]
 
 
 def test_webdataset_layout(tmp_path: Path) -> None:

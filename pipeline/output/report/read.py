@@ -1,8 +1,9 @@
 """Reading what the report shows from an output prefix.
 
-Scale: a million-row job has thousands of parts. Only the metadata's `id` column is read in full
-(to spread the samples evenly), then only the files holding sampled rows, and only the sampled
-images; the small stats records are fetched together (`fs.cat` on a list, concurrent on S3).
+Scale: a 100-million-row job has some 200,000 parts. Only their footers are read (16 at a time:
+row counts and each part's smallest id) to spread the samples, then only the parts holding sampled
+rows, and only the sampled images; the small stats records are fetched in batches (`fs.cat` on a
+list, concurrent on S3).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.core.errors import SdxlBatchError, StorageError
 from pipeline.core.io import join
@@ -31,6 +32,7 @@ from pipeline.core.layout import (
     read_json,
 )
 from pipeline.output.stats import PartStats
+from pipeline.output.streaming import bounded_map, read_columns
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -90,12 +92,25 @@ def _read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int
     return contents
 
 
+_RECORDS_AT_ONCE = 1000  # stats records fetched by one `fs.cat` (concurrently on S3)
+
+
+def _cat(fs: AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseException]:
+    found: dict[str, bytes | BaseException] = fs.cat(paths, on_error="return")
+    return found
+
+
 def _read_part_records(fs: AbstractFileSystem, root: str) -> list[PartStats]:
     paths = part_stats_paths(fs, root)
     if not paths:
         return []
+    batches = [paths[start : start + _RECORDS_AT_ONCE] for start in range(0, len(paths), _RECORDS_AT_ONCE)]
     records = []
-    for path, data in sorted(fs.cat(paths, on_error="return").items()):
+    for path, data in (
+        item
+        for batch in bounded_map(lambda batch: _cat(fs, batch), batches, threads=4)
+        for item in sorted(batch.items())
+    ):
         try:
             if isinstance(data, BaseException):
                 raise data
@@ -108,25 +123,55 @@ def _read_part_records(fs: AbstractFileSystem, root: str) -> list[PartStats]:
     return records
 
 
-def _pick_samples(fs: AbstractFileSystem, files: list[str], samples: int) -> tuple[int, list[dict[str, Any]]]:
-    """The total row count and `samples` rows spread evenly over the sorted ids.
+@dataclass(frozen=True)
+class _PartFooter:
+    path: str
+    rows: int
+    first_id: str | None  # the smallest id, from the footer's statistics (None: not recorded)
 
-    Reads the `id` column of every part, then only the parts that hold a sampled row."""
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    ids = dataset.to_table(columns=["id", "__filename"])
-    total = ids.num_rows
+
+def _part_footer(fs: AbstractFileSystem, path: str) -> _PartFooter:
+    with fs.open(path, "rb") as handle:
+        metadata = pq.read_metadata(handle)
+    smallest: list[str] = []
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for index in range(row_group.num_columns):
+            column = row_group.column(index)
+            if column.path_in_schema == "id" and column.statistics is not None and column.statistics.has_min_max:
+                smallest.append(str(column.statistics.min))
+    first = min(smallest) if len(smallest) == metadata.num_row_groups and smallest else None
+    return _PartFooter(path, metadata.num_rows, first)
+
+
+def _pick_samples(fs: AbstractFileSystem, files: list[str], samples: int) -> tuple[int, list[dict[str, Any]]]:
+    """The total row count and `samples` rows spread evenly over the output, sorted by id.
+
+    Reads only the parts' footers, then the parts that hold a sampled row: the parts are ordered
+    by their smallest id (the footer's statistics), each part's rows by id, and the rows at evenly
+    spaced positions of that order are taken. Where parts hold disjoint runs of ids, as parts cut
+    from a sorted manifest do, that is exactly an even spread over the sorted ids."""
+    footers = list(bounded_map(lambda path: _part_footer(fs, path), files))
+    total = sum(f.rows for f in footers)
     if samples <= 0 or total == 0:
         return total, []
-    order = pc.sort_indices(ids, sort_keys=[("id", "ascending")]).to_numpy()
-    picked = ids.take(order[np.unique(np.linspace(0, total - 1, min(samples, total)).round().astype(np.int64))])
-    wanted = picked.column("id").to_pylist()
-    holders = sorted(set(picked.column("__filename").to_pylist()))
-    columns = [c for c in SAMPLE_COLUMNS if c in dataset.schema.names]
-    table = pads.dataset(holders, format="parquet", filesystem=fs).to_table(
-        columns=columns, filter=pc.field("id").isin(wanted)
-    )
-    by_id = {row["id"]: row for row in table.to_pylist()}  # a duplicated id (a broken output) shows once
-    return total, [by_id[i] for i in sorted(by_id)]
+    footers.sort(key=lambda f: (f.first_id is None, f.first_id or "", f.path))
+    positions = np.unique(np.linspace(0, total - 1, min(samples, total)).round().astype(np.int64))
+    starts = np.cumsum([0, *(f.rows for f in footers)])
+    holder = np.searchsorted(starts, positions, side="right") - 1
+    wanted = {footers[h].path: (positions[holder == h] - starts[h]).tolist() for h in np.unique(holder)}
+    with fs.open(files[0], "rb") as handle:
+        present = pq.read_schema(handle).names
+    columns = [c for c in SAMPLE_COLUMNS if c in present]
+
+    def sampled(path: str) -> list[dict[str, Any]]:
+        table = read_columns(fs, path, columns)
+        order = pc.sort_indices(table, sort_keys=[("id", "ascending")])
+        rows: list[dict[str, Any]] = table.take(pc.take(order, pa.array(wanted[path], pa.int64()))).to_pylist()
+        return rows
+
+    by_id = {row["id"]: row for rows in bounded_map(sampled, sorted(wanted), threads=8) for row in rows}
+    return total, [by_id[i] for i in sorted(by_id)]  # a duplicated id (a broken output) shows once
 
 
 def _read_images(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]]) -> list[bytes | None]:
