@@ -9,11 +9,10 @@ Every other column passes through unchanged into the output metadata.
 Integer columns may also be stored as floats with integral values (pandas writes nullable
 integers that way).
 
-The manifest is planned in one streaming pass that reads only the key and setting columns, one
-row group at a time, so the driver never holds the prompts of a large manifest; the Ray read
-stage later reads each slice of a row group (a `Fragment`) in full. Planning checks every row
-(`row_problems`) and every id's uniqueness; the caller decides whether bad rows stop the job or
-are skipped (`on_bad_row`).
+Planning (`plan.rows`) reads only the key and setting columns, one row group at a time, in a task
+per file, and checks every row (`row_problems`) and every id's uniqueness; the caller decides
+whether bad rows stop the job or are skipped (`on_bad_row`). The Ray read stage later reads each
+row group with rows to render (a `Fragment`) in full.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
@@ -31,8 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
-from pipeline.core.io import filesystem, full_uri
-from pipeline.plan.schema import PassthroughSchema
+from pipeline.core.io import filesystem
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -120,20 +118,6 @@ class Fragment:
     row_offset: int
     num_rows: int
     start: int = 0
-
-    def split(self, rows: int) -> list[Fragment]:
-        """Slices of at most `rows` rows, so that one large row group feeds many actors."""
-        return [
-            Fragment(
-                self.uri,
-                self.relpath,
-                self.row_group,
-                self.row_offset + s,
-                min(rows, self.num_rows - s),
-                self.start + s,
-            )
-            for s in range(0, self.num_rows, rows)
-        ]
 
 
 def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
@@ -510,48 +494,6 @@ PROBLEM_SCHEMA = pa.schema([
 MAX_KEPT_PROBLEMS = 20  # problems kept in detail when they are only reported, not skipped
 
 
-@dataclass
-class ManifestPlan:
-    """What a manifest holds, found in one streaming pass without loading its prompts.
-
-    `ids` and `rejected` are indexed by global row position (files in order, rows in order);
-    `problems` lists bad rows (all of them when planned with `keep_problems=True`, else the first
-    few) and `problem_count` counts them all; `setting_values` holds every row's own width,
-    height, steps and guidance_scale (float64, null: the job's default) for the job's summary.
-    """
-
-    root: str
-    files: list[str]
-    fragments: list[Fragment]
-    total_rows: int
-    ids: pa.ChunkedArray = field(repr=False)
-    file_rows: list[int] = field(repr=False)
-    rejected: np.ndarray = field(repr=False)
-    problems: pa.Table = field(repr=False)
-    problem_count: int = 0
-    problem_columns: Counter[str] = field(default_factory=Counter)
-    setting_values: pa.Table = field(repr=False, default_factory=lambda: pa.table({}))
-    passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))  # plan.schema: one type per column
-
-    @property
-    def good_rows(self) -> int:
-        return self.total_rows - int(self.rejected.sum())
-
-    def count_settings(self, rows: np.ndarray) -> Counter[tuple[Any, ...]]:
-        """Rows selected by the boolean mask `rows`, counted per (width, height, steps, guidance)."""
-        table = self.setting_values.filter(pa.array(rows))
-        grouped = table.group_by(list(SETTING_COLUMNS)).aggregate([([], "count_all")])
-        return Counter({tuple(row[c] for c in SETTING_COLUMNS): row["count_all"] for row in grouped.to_pylist()})
-
-    def problem_lines(self, limit: int = 10) -> list[str]:
-        return [
-            f"file {r['file']}, row {r['row']}, column {r['column']!r}"
-            + (f" (id {r['id']!r})" if r["id"] is not None else "")
-            + f": {r['reason']}"
-            for r in self.problems.slice(0, limit).to_pylist()
-        ]
-
-
 class Problems:
     """Collects bad rows chunk by chunk; keeps all, or only the first few, in detail."""
 
@@ -584,138 +526,3 @@ class Problems:
 
     def table(self) -> pa.Table:
         return pa.concat_tables(self.chunks) if self.chunks else PROBLEM_SCHEMA.empty_table()
-
-
-def plan_manifest(
-    uri: str, storage: StorageConfig | None = None, *, rules: RowRules = GENERIC_RULES, keep_problems: bool = False
-) -> ManifestPlan:
-    """Find every file and row group, check schemas and rows, and collect the ids.
-
-    Only the key and setting columns are read, a row group at a time, so this streams. A
-    structural problem (missing file, unreadable Parquet, missing or mistyped column, no rows)
-    raises a ManifestError or StorageError; bad rows (see `row_problems`, plus every occurrence
-    of an id after its first) are collected in the plan for the caller to report or skip.
-    """
-    fs, root, files = list_manifest_files(uri, storage)
-    fragments: list[Fragment] = []
-    id_chunks: list[pa.Array] = []
-    rejected_chunks: list[np.ndarray] = []
-    problems = Problems(keep_problems)
-    passthrough = PassthroughSchema()
-    setting_chunks: list[pa.Table] = []
-    file_uris, file_starts = [], []
-    total = 0
-    for path in files:
-        file_uri = full_uri(fs, path)
-        relpath = posixpath.relpath(path, root)
-        file_uris.append(file_uri)
-        file_starts.append(total)
-        with open_parquet(fs, path, file_uri) as parquet:
-            schema = parquet.schema_arrow
-            check_schema(schema, file_uri)
-            passthrough.add(schema, known=COLUMNS, uri=file_uri)
-            columns = [c for c in ("id", "prompt", "seed", *SETTING_COLUMNS) if c in schema.names]
-            offset = 0
-            for index in range(parquet.metadata.num_row_groups):
-                num_rows = parquet.metadata.row_group(index).num_rows
-                fragment = Fragment(file_uri, relpath, index, offset, num_rows)
-                table = read_row_group(parquet, fragment, columns)
-                ids = table.column("id") if "id" in table.column_names else derive_ids(relpath, offset, num_rows)
-                ids = pc.cast(ids, pa.string())
-                id_chunks.extend(ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])
-                bad, bad_columns, reasons = row_problems(table, rules)
-                mask = np.zeros(num_rows, dtype=bool)
-                mask[bad] = True
-                rejected_chunks.append(mask)
-                if len(bad):
-                    taken = table.take(pa.array(bad, pa.int64()))
-                    problems.add(
-                        file_uri,
-                        bad + offset,
-                        pc.take(ids, pa.array(bad)).to_pylist(),
-                        bad_columns,
-                        reasons,
-                        taken.column("prompt").to_pylist(),
-                        taken.column("seed").to_pylist(),
-                    )
-                setting_chunks.append(_setting_values(table))
-                if num_rows:
-                    fragments.append(fragment)
-                offset += num_rows
-        total += offset
-    if total == 0:
-        raise ManifestError(f"manifest {uri} has no rows")
-    ids_all = pa.chunked_array(id_chunks, pa.string())
-    rejected = np.concatenate(rejected_chunks)
-    _reject_duplicates(ids_all, rejected, problems, file_uris, np.asarray(file_starts))
-    table = problems.table()
-    if table.num_rows:
-        table = table.sort_by([("file", "ascending"), ("row", "ascending")])
-    return ManifestPlan(
-        root=full_uri(fs, root),
-        files=file_uris,
-        fragments=fragments,
-        total_rows=total,
-        ids=ids_all,
-        file_rows=np.diff(np.append(file_starts, total)).tolist(),
-        rejected=rejected,
-        problems=table,
-        problem_count=problems.count,
-        problem_columns=problems.by_column,
-        setting_values=pa.concat_tables(setting_chunks),
-        passthrough=passthrough.schema(),
-    )
-
-
-def _setting_values(table: pa.Table) -> pa.Table:
-    """The per-row settings as float64 columns (nulls: the job's default), for the plan's summary."""
-    columns = [
-        pc.cast(table.column(c), pa.float64(), safe=False)
-        if c in table.column_names
-        else pa.nulls(table.num_rows, pa.float64())
-        for c in SETTING_COLUMNS
-    ]
-    return pa.table(columns, names=list(SETTING_COLUMNS))
-
-
-def _reject_duplicates(
-    ids: pa.ChunkedArray,
-    rejected: np.ndarray,
-    problems: Problems,
-    file_uris: list[str],
-    file_starts: np.ndarray,
-) -> None:
-    """Every occurrence of an id after its first good one is a bad row (`duplicate id`)."""
-    counts = pc.value_counts(ids)
-    values, times = counts.field("values"), counts.field("counts")
-    duplicated = pc.filter(values, pc.and_(pc.greater(times, 1), pc.is_valid(values)))
-    if not len(duplicated):
-        return
-    positions = np.flatnonzero(_bools(pc.is_in(ids, value_set=duplicated)) & ~rejected)
-    first_seen: dict[str, int] = {}
-    later: list[tuple[int, str, int]] = []
-    for position, value in zip(positions, pc.take(ids, pa.array(positions)).to_pylist(), strict=True):
-        if value in first_seen:
-            later.append((int(position), value, first_seen[value]))
-        else:
-            first_seen[value] = int(position)
-    if not later:
-        return
-
-    def where(position: int) -> tuple[int, int]:
-        index = int(np.searchsorted(file_starts, position, side="right")) - 1
-        return index, position - int(file_starts[index])
-
-    for at, value, first in later:
-        rejected[at] = True
-        index, row = where(at)
-        first_index, first_row = where(first)
-        problems.add(
-            file_uris[index],
-            np.array([row]),
-            [value],
-            ["id"],
-            [f"duplicate id (first at file {file_uris[first_index]}, row {first_row})"],
-            [None],
-            [None],
-        )
