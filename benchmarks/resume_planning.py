@@ -173,11 +173,7 @@ def main() -> None:
         f"{manifest_bytes / 2**20:,.0f} MiB",
         f"{validate_seconds:.1f} s",
         f"{validate_peak:.0f} MiB",
-        *(
-            [f"{run[0]:.1f} s", f"{run[1]:.1f} s", f"{run[2]:.0f} MiB"]
-            if run
-            else ["not run", "not run", "not run"]
-        ),
+        *([f"{run[0]:.1f} s", f"{run[1]:.1f} s", f"{run[2]:.0f} MiB"] if run else ["not run", "not run", "not run"]),
     ]
     row = "| " + " | ".join(cells) + " |"
     print("\n".join([*HEADER, row]))
