@@ -260,10 +260,19 @@ class ResourcesConfig(_Section):
         le=100,
         description=(
             "Times a crashed worker is replaced before the job stops: each generator actor is restarted (and "
-            "reloads the model) at most this many times over the job, and each batch or read/encode/write task "
-            "is retried at most this many times, after its process dies (a lost node, a one-off crash). Small, "
-            "because a crash that repeats (a corrupt weight file, a bad GPU driver) would otherwise reload and "
-            "crash for ever; a stopped job resumes from its committed parts."
+            "reloads the model) at most this many times over the job, its batches waiting for it, and each "
+            "read/encode/write task is retried at most this many times, after its process dies (a lost node, a "
+            "one-off crash). Small, because a crash that repeats (a corrupt weight file, a bad GPU driver) would "
+            "otherwise reload and crash for ever; a stopped job resumes from its committed parts."
+        ),
+    )
+    wait_for_nodes_s: float = Field(
+        default=600.0,
+        gt=0.0,
+        description=(
+            "Seconds the job waits while no node of the cluster can run a generator actor (every GPU node lost "
+            "or preempted and none added back, or none added yet by an autoscaler) before it stops; the committed "
+            "parts are kept and the same command resumes."
         ),
     )
 
@@ -344,8 +353,8 @@ class JobConfig(_Section):
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig,
         description=(
-            "Where the generator actors run and how many, how often crashed workers are replaced, and the price "
-            "used for cost estimates."
+            "Where the generator actors run and how many, how often crashed workers are replaced, how long to "
+            "wait for a node that can run them, and the price used for cost estimates."
         ),
     )
     storage: StorageConfig = Field(

@@ -47,6 +47,11 @@ class WorkerDiedError(SdxlBatchError):
     `resources.max_retries` allows: a crash that repeats rather than a lost node."""
 
 
+class PlacementError(SdxlBatchError):
+    """No node of the cluster can run a generator actor, for longer than `resources.wait_for_nodes_s`:
+    the nodes that could were lost or preempted and none replaced them."""
+
+
 class ClusterError(SdxlBatchError):
     """The cluster could not be reached, refused us, or does not know the job."""
 

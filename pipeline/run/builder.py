@@ -22,6 +22,7 @@ from pipeline.output.stats import job_label
 from pipeline.output.writer import ModelInfo, PartWriter
 from pipeline.plan.manifest import rules_for
 from pipeline.plan.settings import SettingDefaults
+from pipeline.run.nodes import watch_nodes
 from pipeline.run.stages import EncodeImages, GenerateImages, ReadManifest, WriteParts
 
 if TYPE_CHECKING:
@@ -67,10 +68,17 @@ def retry_bounds(resources: ResourcesConfig, *, actor: bool) -> dict[str, Any]:
     in Ray 2.60, a job whose generator dies on load, on every batch, or whose encode task dies,
     was still looping after 120 s. A bound of `resources.max_retries` still rides out a lost node
     or a one-off crash. Ray counts an actor's restarts over its lifetime, not consecutively.
+
+    An actor's batches keep Ray Data's unbounded retries: the actor's restarts bound them (a batch
+    retried on a dead actor waits for its restart, and fails once the actor is out of restarts).
+    A batch of its own bound lost the job to a single lost node: until Ray declares the node dead
+    (its health checks, seconds to a minute), each retry of the batch fails at once as "the actor
+    is temporarily unavailable" (ActorUnavailableError), and 2 retries were gone 5 s after the
+    loss, with a node left to restart the actor on (tests/integration/test_node_loss.py).
     """
     bound = resources.max_retries
     if actor:
-        return {"max_restarts": bound, "max_task_retries": bound}
+        return {"max_restarts": bound, "max_task_retries": -1}
     return {"max_retries": bound}
 
 
@@ -141,7 +149,9 @@ def build_dataset(
     `slice_rows`. `config` has its placement resolved (`runner.resolve_resources`);
     `passthrough`: the manifest's other columns, as planned."""
     with _remote_args_allowed():
-        return _graph(config, tasks, masks, slice_rows, pa.schema([]) if passthrough is None else passthrough)
+        dataset = _graph(config, tasks, masks, slice_rows, pa.schema([]) if passthrough is None else passthrough)
+    watch_nodes(dataset, config.resources)  # a bounded wait when no node can run a generator actor
+    return dataset
 
 
 def _graph(

@@ -36,6 +36,8 @@ class RayCluster:
     metrics_urls: list[str]  # each node's Prometheus export
     env: dict[str, str]  # what a client needs: the token file, token auth on
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    folder: Path = Path()  # the nodes' logs
+    node_env: dict[str, str] = field(default_factory=dict)  # what a node's processes start with
 
 
 def _start_node(args: list[str], log: Path, env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
@@ -63,10 +65,32 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """Head + 2 GPU workers (`--num-gpus 1` each: logical GPUs, the actors run on CPU)."""
-    folder = tmp_path_factory.mktemp("ray-cluster")
+def start_worker(
+    cluster: RayCluster, name: str, *, env: dict[str, str] | None = None, metrics_port: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a worker node with one logical GPU in `cluster` (`env`: extra variables for its
+    processes). The node is its own process group, the raylet and every worker process it starts:
+    killing the group is losing the node."""
+    args = [f"--address={cluster.address}", "--num-cpus=1", "--num-gpus=1"]
+    args += [f"--metrics-export-port={metrics_port}"] if metrics_port else []
+    process = _start_node(
+        args, cluster.folder / f"{name}.log", {**cluster.node_env, **(env or {})}, "Ray runtime started"
+    )
+    cluster.processes.append(process)
+    return process
+
+
+@contextlib.contextmanager
+def loopback_cluster(
+    folder: Path,
+    *,
+    dashboard: bool = True,
+    head_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> Iterator[RayCluster]:
+    """Head (no GPUs) + 2 GPU workers (`--num-gpus 1` each: logical GPUs, the actors run on CPU),
+    stopped on exit. `head_env`, `worker_env`: extra variables for those nodes' processes."""
+    folder.mkdir(parents=True, exist_ok=True)
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {
@@ -79,30 +103,35 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         "RAY_metrics_report_interval_ms": "1000",
     }  # fmt: skip
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     metrics = [_free_port() for _ in range(3)]
     ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     cluster = RayCluster(
         address=f"127.0.0.1:{port}",
-        dashboard=f"http://127.0.0.1:{dashboard}",
+        dashboard=f"http://127.0.0.1:{dashboard_port}",
         metrics_urls=[f"http://127.0.0.1:{m}/metrics" for m in metrics],
         env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+        folder=folder,
+        node_env=env,
     )
+    web = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     try:
         cluster.processes.append(_start_node(
-            ["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics[0]}",
-             f"--temp-dir={ray_tmp}"],
-            folder / "head.log", env, "Ray runtime started",
+            ["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", *(web if dashboard else []),
+             f"--metrics-export-port={metrics[0]}", f"--temp-dir={ray_tmp}"],
+            folder / "head.log", {**env, **(head_env or {})}, "Ray runtime started",
         ))  # fmt: skip
         for n in (1, 2):
-            cluster.processes.append(_start_node(
-                [f"--address={cluster.address}", "--num-cpus=1", "--num-gpus=1",
-                 f"--metrics-export-port={metrics[n]}"],
-                folder / f"worker-{n}.log", env, "Ray runtime started",
-            ))  # fmt: skip
+            start_worker(cluster, f"worker-{n}", env=worker_env, metrics_port=metrics[n])
         yield cluster
     finally:
         for process in reversed(cluster.processes):
             _stop(process)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """The loopback cluster, shared by a module's tests (so none of them may stop a node)."""
+    with loopback_cluster(tmp_path_factory.mktemp("ray-cluster")) as cluster:
+        yield cluster

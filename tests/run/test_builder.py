@@ -12,7 +12,10 @@ class RecordedGraph:
     """Stands in for a Ray dataset: records each stage's map_batches arguments."""
 
     def __init__(self) -> None:
+        from ray.data import DataContext
+
         self.stages: list[tuple[str, dict[str, Any]]] = []
+        self.context = DataContext()
 
     def map_batches(self, fn: Any, **kwargs: Any) -> RecordedGraph:
         self.stages.append((getattr(fn, "__name__", type(fn).__name__), kwargs))
@@ -41,7 +44,9 @@ def test_every_stage_bounds_the_restarts_and_retries_of_its_dead_workers(
     stages = dict(graph.stages)
     assert list(stages) == ["ReadManifest", "repartition", "GenerateImages", "EncodeImages", "WriteParts"]
     assert stages["repartition"] == {"target_num_rows_per_block": 64}  # the generators' slices
-    assert stages["GenerateImages"]["max_restarts"] == bound and stages["GenerateImages"]["max_task_retries"] == bound
+    assert stages["GenerateImages"]["max_restarts"] == bound
+    # Its batches wait for the restarts: a lost node's seconds of "actor unavailable" use no bound up.
+    assert stages["GenerateImages"]["max_task_retries"] == -1
     assert "max_retries" not in stages["GenerateImages"]  # an actor option Ray would reject
     for task in ("ReadManifest", "EncodeImages", "WriteParts"):
         assert stages[task]["max_retries"] == bound and "max_restarts" not in stages[task]
@@ -64,3 +69,16 @@ def test_ray_constructs_the_generator_from_what_it_uses(monkeypatch: pytest.Monk
     assert set(kwargs) == set(inspect.signature(GenerateImages).parameters)
     assert kwargs["model"] == config.model and kwargs["batch_size"] == config.generation.batch_size
     assert kwargs["job"] == "out"
+
+
+def test_the_graph_runs_with_a_watch_on_the_nodes_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node watch (`run.nodes`) goes into the dataset's own DataContext, not the process's."""
+    import ray.data
+
+    graph = RecordedGraph()
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kwargs: graph)
+    config = JobConfig.model_validate({"manifest": "m.parquet", "output": "out", "resources": {"gpus_per_actor": 1}})
+    build_dataset(config, [], masks={}, slice_rows=64)
+    [watch] = graph.context.custom_execution_callback_classes
+    assert watch.__name__ == "NodeWatch"
+    assert not ray.data.DataContext.get_current().custom_execution_callback_classes

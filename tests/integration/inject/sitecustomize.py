@@ -6,6 +6,9 @@ module when it is imported. Nothing in `pipeline/` knows.
 
 - SDXL_BATCH_TEST_OOM_ABOVE=N: `ImageGenerator.generate` raises torch's out-of-memory error for
   calls of more than N images, as a GPU without enough memory would.
+- SDXL_BATCH_TEST_SLOW_GENERATE=SECONDS: each `ImageGenerator.generate` call first sleeps SECONDS,
+  as on a slow GPU, so that a test can act while batches are rendering (the tiny model renders a
+  batch in a fraction of a second).
 - SDXL_BATCH_TEST_CRASH=load|generate|encode: the process kills itself with SIGSEGV in
   `ImageGenerator.load` (a corrupt weight file that segfaults), in `ImageGenerator.generate` (a
   bad driver crashing in the first kernel) or in `encode_batch` (a CPU task's worker dying), as
@@ -31,6 +34,7 @@ import importlib.util
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -39,6 +43,7 @@ LIMIT = os.environ.get("SDXL_BATCH_TEST_OOM_ABOVE")
 CRASH = os.environ.get("SDXL_BATCH_TEST_CRASH")
 CRASH_ONCE = os.environ.get("SDXL_BATCH_TEST_CRASH_ONCE")
 CRASH_LOG = os.environ.get("SDXL_BATCH_TEST_CRASH_LOG")
+SLOW = os.environ.get("SDXL_BATCH_TEST_SLOW_GENERATE")
 
 
 def _crash(where: str) -> None:
@@ -68,6 +73,8 @@ def _patch_generator(module: ModuleType) -> None:
     if CRASH in ("load", "generate"):
         cls = module.ImageGenerator
         setattr(cls, CRASH, _crashing(f"ImageGenerator.{CRASH}", getattr(cls, CRASH)))
+    if SLOW:
+        _slow_down(module.ImageGenerator, float(SLOW))
     if LIMIT is None:
         return
     limit = int(LIMIT)
@@ -81,6 +88,16 @@ def _patch_generator(module: ModuleType) -> None:
         return original(self, prompts, *args, **kwargs)
 
     module.ImageGenerator.generate = generate
+
+
+def _slow_down(cls: Any, seconds: float) -> None:
+    original = cls.generate
+
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return original(self, *args, **kwargs)
+
+    cls.generate = generate
 
 
 def _patch_encoding(module: Any) -> None:
@@ -127,7 +144,7 @@ def _patch_writer(module: ModuleType) -> None:
 PATCHES: dict[str, Callable[[ModuleType], None]] = {}
 if KILL_AT_COMMIT is not None:
     PATCHES["pipeline.output.writer"] = _patch_writer
-if LIMIT is not None or CRASH in ("load", "generate"):
+if LIMIT is not None or CRASH in ("load", "generate") or SLOW:
     PATCHES["pipeline.models.generator"] = _patch_generator
 if CRASH == "encode":
     PATCHES["pipeline.run.encoding"] = _patch_encoding
