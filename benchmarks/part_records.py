@@ -286,7 +286,7 @@ def measure_memory(args: argparse.Namespace) -> list[list[str]]:
             assert isinstance(stats, JobStats)
             held.append(size)
             largest[gpus] = (size, len(stats.workers))
-            calls = len(stats.call_seconds)
+            calls = stats.model_calls
             table.append([
                 f"{gpus:,}", f"{count:,}", f"{len(stats.workers):,}", f"{calls:,}",
                 f"{size / 2**20:.1f} MiB", f"{size / count:,.0f}",

@@ -1,7 +1,7 @@
 """`sdxl-batch verify` and `report`, and the end-of-job `publish`, on outputs of millions of rows.
 
     .venv/bin/python benchmarks/verify_scale.py [--rows 1000000,10000000] [--rows-per-part 512]
-        [--code DIR --label before] [--work DIR] [--publish-files 0]
+        [--code DIR --label before] [--work DIR] [--publish-files 0] [--commands verify,report,publish]
 
 Builds, per size, a synthetic webdataset output of `--rows` rows in parts of `--rows-per-part`
 (metadata parts with the job's schema, `pipeline.core.layout.metadata_schema`; one tar per part
@@ -16,7 +16,7 @@ resident memory (ru_maxrss of the child). Tars hold only the image member (a rea
 `--code DIR` runs another checkout's `pipeline` package (`git archive HEAD~1 pipeline | tar -x -C
 DIR`), labelled `--label`, for before/after figures; `--work DIR` keeps the built outputs there
 and reuses them; `--publish-files N` also builds an N-row output of the files layout (one small
-file per row) and measures `publish` and `verify` on it. Appends to
+file per row) and measures `publish` and `verify` on it; `--commands` picks which of the three run. Appends to
 benchmarks/results/verify_scale.md.
 """
 
@@ -158,7 +158,9 @@ PUBLISH = (
 )
 
 
-def run_size(work: Path, rows: int, per_part: int, layout: str, code: str | None, label: str) -> list[str]:
+def run_size(
+    work: Path, rows: int, per_part: int, layout: str, code: str | None, label: str, only: set[str]
+) -> list[str]:
     out, manifest = work / f"{layout}-{rows}" / "out", work / f"{layout}-{rows}" / "manifest"
     if not (out / "job.json").exists():
         start = time.perf_counter()
@@ -173,6 +175,8 @@ def run_size(work: Path, rows: int, per_part: int, layout: str, code: str | None
         "publish": ["-c", PUBLISH, str(out), layout],
     }
     for what, argv in commands.items():
+        if what.split()[0] not in only:
+            continue
         wall, peak, stdout = measure(argv, code)
         if what.startswith("verify"):
             assert "OK: every row exactly once" in stdout and f"rejected rows:    {BAD_ROWS}" in stdout, stdout
@@ -189,13 +193,15 @@ def main() -> None:
     parser.add_argument("--label", default="after")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdxl-batch-verify-scale"))
     parser.add_argument("--publish-files", type=int, default=0, help="rows of a files-layout output (0: none)")
+    parser.add_argument("--commands", default="verify,report,publish", help="which to measure")
     args = parser.parse_args()
+    only = set(args.commands.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     lines = []
     for rows in (int(r) for r in args.rows.split(",") if r):
-        lines += run_size(args.work, rows, args.rows_per_part, "webdataset", args.code, args.label)
+        lines += run_size(args.work, rows, args.rows_per_part, "webdataset", args.code, args.label, only)
     if args.publish_files:
-        lines += run_size(args.work, args.publish_files, args.rows_per_part, "files", args.code, args.label)
+        lines += run_size(args.work, args.publish_files, args.rows_per_part, "files", args.code, args.label, only)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = RESULTS / "verify_scale.md"
     if not results.exists():

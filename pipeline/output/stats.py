@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ddsketch import DDSketch
+
 PERCENTILES = (50, 90, 99)
 
 Call = tuple[int, float, float]  # one model call: images, seconds, when it ended (epoch seconds)
@@ -327,18 +329,28 @@ def group_workers(workers: dict[str, WorkerStats], key: str) -> dict[str, dict[s
     return summary
 
 
+# Latency percentiles are read from a DDSketch (Datadog's mergeable quantile sketch): within this
+# relative error of the exact value, in memory that grows with the log of the latencies' range, not
+# with the number of calls (a 100M-row job makes some 12M model calls: 400 MB as a list of floats).
+LATENCY_ACCURACY = 0.005
+
+
+def latency_sketch() -> DDSketch:
+    return DDSketch(relative_accuracy=LATENCY_ACCURACY)
+
+
 @dataclass
 class JobStats:
     """Running totals the driver updates as parts commit: the part records added up, except for
-    their model calls, of which only the seconds are kept (the latency percentiles): a
-    million-row job makes hundreds of thousands of calls.
+    their model calls, of which only the seconds are kept, in a quantile sketch (the latency
+    percentiles): memory that does not grow with the job (`part_records` benchmark).
 
     The figures are those of `stats.json`, rounded as there; `tune` and `estimate` read them here.
     """
 
     totals: PartStats = field(default_factory=PartStats)
     parts: int = 0
-    call_seconds: list[float] = field(default_factory=list)
+    latency: DDSketch = field(default_factory=latency_sketch)
 
     @classmethod
     def of_parts(cls, records: Iterable[PartStats]) -> JobStats:
@@ -350,21 +362,24 @@ class JobStats:
     def add_part(self, record: PartStats) -> None:
         """Add one part's stats record (as the writer wrote it to stats/)."""
         self.parts += 1
-        self.call_seconds.extend(seconds for _, seconds, _ in record.calls)
+        for _, seconds, _ in record.calls:
+            self.latency.add(max(seconds, 0.0))
         self.totals += replace(record, calls=[])
+
+    @property
+    def model_calls(self) -> int:
+        return int(self.latency.count)
 
     @property
     def workers(self) -> dict[str, WorkerStats]:
         return self.totals.workers
 
     def batch_latency_seconds(self) -> dict[str, float]:
-        """Latency of a model call (a batch of rows with equal settings), p50/p90/p99."""
-        if not self.call_seconds:
+        """Latency of a model call (a batch of rows with equal settings), p50/p90/p99, each within
+        LATENCY_ACCURACY of the exact percentile."""
+        if not self.model_calls:
             return {}
-        import numpy as np
-
-        values = np.percentile(np.asarray(self.call_seconds), PERCENTILES)
-        return {f"p{p}": round(float(v), 4) for p, v in zip(PERCENTILES, values, strict=True)}
+        return {f"p{p}": round(float(self.latency.get_quantile_value(p / 100) or 0.0), 4) for p in PERCENTILES}
 
     def generation_span(self) -> float:
         """Seconds from the first model call's start to the last one's end, over all actors."""
@@ -437,7 +452,7 @@ class JobStats:
                 "encode": round(t.encode_seconds, 3),
                 "upload": round(t.upload_seconds, 3),
             },
-            "model_calls": len(self.call_seconds),
+            "model_calls": self.model_calls,
             "batch_latency_seconds": self.batch_latency_seconds(),
             "seconds_per_image": round(t.generation_seconds / t.rows, 4) if t.rows else 0.0,
             "busy_fraction": self.busy_fraction(),

@@ -47,7 +47,8 @@ def _generator_actors(cluster: RayCluster, ray_job_id: str) -> list[dict[str, st
         "import json; from ray.util.state import list_actors; "
         f"actors = list_actors(address={cluster.dashboard!r}, filters=[('job_id', '=', {ray_job_id!r})], "
         "limit=1000, detail=True, raise_on_missing_output=False); "
-        "print(json.dumps([{'id': a.actor_id, 'class': a.class_name, 'state': a.state, 'node': a.node_id} for a in actors]))"
+        "print(json.dumps([{'id': a.actor_id, 'class': a.class_name, 'state': a.state, 'node': a.node_id} "
+        "for a in actors]))"
     )
     env = {**os.environ, **cluster.env}
     result = subprocess.run(

@@ -25,7 +25,8 @@ from PIL import Image
 
 from pipeline.core.errors import SdxlBatchError, StorageError
 from pipeline.core.io import filesystem, join, write_bytes
-from pipeline.output.report import stage_breakdown, throughput_series, write_report
+from pipeline.output.report import PartsDigest, stage_breakdown, throughput_series, write_report
+from pipeline.output.report.figures import CallTimeline
 from pipeline.output.stats import JobStats, PartStats
 from pipeline.output.writer import ModelInfo, PartWriter
 
@@ -274,21 +275,53 @@ def test_a_damaged_metadata_part_is_a_storage_error(tmp_path: Path) -> None:
 def test_throughput_series_counts_every_image_once() -> None:
     # Two actors: calls of 4 images, 1 s each; the second actor starts 0.5 s later.
     records = [{"calls": [[4, 1.0, 101.0], [4, 1.0, 102.0]]}, {"calls": [[4, 1.0, 101.5], [2, 1.0, 102.5]]}]
-    series = throughput_series([PartStats.from_dict(record) for record in records])
+    series = throughput_series(PartsDigest.of(PartStats.from_dict(record) for record in records))
     assert series is not None
-    assert series.finished_at.tolist() == [1.0, 1.5, 2.0, 2.5]
+    # Finished by the end of the 1/1024 s bin each call ended in.
+    assert series.finished_at.tolist() == pytest.approx([1.0, 1.5, 2.0, 2.5], abs=1e-3)
     assert series.cumulative.tolist() == [4, 8, 12, 14]
     widths = np.diff(series.bin_edges)
     assert float((series.images_per_second * widths).sum()) == pytest.approx(14)
     assert float(series.images_per_second.max()) == pytest.approx(8.0)  # both actors at 4 images/s
-    assert throughput_series([PartStats.from_dict({"calls": []})]) is None
+    assert throughput_series(PartsDigest.of([PartStats.from_dict({"calls": []})])) is None
+
+
+def _exact_done(calls: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Images done by each time in `at`, each call's images spread evenly over it: the definition."""
+    images, seconds, ends = calls[:, 0], calls[:, 1], calls[:, 2]
+    fraction = np.clip((at[None, :] - (ends - seconds)[:, None]) / seconds[:, None], 0.0, 1.0)
+    done: np.ndarray = (fraction * images[:, None]).sum(axis=0)
+    return done
+
+
+def test_the_call_timeline_stays_within_its_bins_and_exact_per_bin() -> None:
+    """Three simulated hours of 4 actors' calls, added a part at a time in shuffled order: the
+    timeline coarsens to stay within MAX_BINS and still matches the exact rate per plot bin."""
+    rng = np.random.default_rng(7)
+    t0, calls = 1.8e9, []
+    for _ in range(4):
+        seconds = rng.uniform(0.8, 1.6, 9000)
+        ends = t0 + rng.uniform(0, 5) + np.cumsum(seconds + rng.uniform(0, 0.2, 9000))
+        calls.append(np.column_stack([np.full(9000, 8.0), seconds, ends]))
+    every = np.concatenate(calls)
+    timeline = CallTimeline()
+    for part in rng.permutation(len(every)).reshape(-1, 50):
+        timeline.add(every[part])
+    assert len(timeline.spread) <= CallTimeline.MAX_BINS and timeline.width > 2.0**-10
+    assert timeline.images == pytest.approx(float(every[:, 0].sum()))
+    assert timeline.spread.sum() == pytest.approx(timeline.images) and timeline.finished.sum() == timeline.images
+    records = [PartStats(calls=[tuple(c) for c in every[i : i + 50]]) for i in range(0, len(every), 50)]
+    series = throughput_series(PartsDigest.of(records))
+    assert series is not None and len(series.images_per_second) == 80
+    exact = np.diff(_exact_done(every, series.bin_edges + timeline.start)) / np.diff(series.bin_edges)
+    assert np.abs(series.images_per_second - exact).max() <= 1e-6 * exact.max() + 0.01
+    assert series.cumulative[-1] == every[:, 0].sum()
 
 
 def test_stage_breakdown_in_pipeline_order() -> None:
     record = {"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
               "encode_seconds": 0.2, "upload_seconds": 0.1}  # fmt: skip
-    parts = [PartStats.from_dict(record)]
-    assert stage_breakdown(parts) == [
+    assert stage_breakdown(PartStats.from_dict(record)) == [
         ("Text encode", 0.5), ("Denoise (UNet)", 3.0), ("VAE decode", 1.0), ("Other generation", 0.5),
         ("Image encoding", 0.2), ("Upload", 0.1),
     ]  # fmt: skip

@@ -87,3 +87,28 @@ def test_unmatched_lora_layers_are_a_property_of_the_model_not_a_sum() -> None:
     stats.add_part(PartStats.from_dict(older))  # older record
     assert stats.to_dict(wall_seconds=1.0, manifest_rows=4, extra={})["lora_layers_unmatched"] == 3
     assert JobStats().to_dict(wall_seconds=1.0, manifest_rows=0, extra={})["lora_layers_unmatched"] == 0
+
+
+def test_latency_percentiles_come_from_a_sketch_within_its_accuracy() -> None:
+    """The driver keeps a quantile sketch of the call latencies, not every call: the same size
+    after 1,000 parts as after 10, and each percentile within LATENCY_ACCURACY of the exact one."""
+    import pickle
+
+    import numpy as np
+
+    from pipeline.output.stats import LATENCY_ACCURACY
+
+    rng = np.random.default_rng(3)
+    stats, seconds, sizes = JobStats(), [], {}
+    for part in range(1000):
+        calls = [(8, float(s), 100.0 + part) for s in rng.lognormal(0.0, 0.4, 60)]
+        seconds += [c[1] for c in calls]
+        stats.add_part(PartStats(calls=calls))
+        if part + 1 in (10, 1000):
+            sizes[part + 1] = len(pickle.dumps(stats.latency))
+    assert stats.model_calls == 60_000 and stats.totals.calls == []
+    assert sizes[1000] <= 2 * sizes[10]
+    latency = stats.batch_latency_seconds()
+    for p in (50, 90, 99):
+        exact = float(np.percentile(seconds, p, method="lower"))
+        assert latency[f"p{p}"] == pytest.approx(exact, rel=2 * LATENCY_ACCURACY), p

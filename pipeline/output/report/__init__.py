@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 from pipeline.core.errors import StorageError
 from pipeline.core.io import filesystem, full_uri, join, write_bytes
 from pipeline.core.layout import REPORT_FILE
-from pipeline.output.report.figures import actor_summaries, stage_breakdown, summarise_parts, throughput_series
+from pipeline.output.report.figures import (
+    PartsDigest,
+    actor_summaries,
+    stage_breakdown,
+    summarise_parts,
+    throughput_series,
+)
 from pipeline.output.report.page import render_report
 from pipeline.output.report.read import OutputContents, read_output
 
@@ -24,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OutputContents",
+    "PartsDigest",
     "actor_summaries",
     "read_output",
     "render_report",

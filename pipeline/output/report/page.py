@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.layout import STATS_DIR, STATS_FILE
 from pipeline.output.report.figures import actor_summaries, stage_breakdown, summarise_parts, throughput_series
 from pipeline.output.report.plots import MAX_ACTORS_PLOTTED, plot_actors, plot_stages, plot_throughput
-from pipeline.output.stats import PartStats
 
 if TYPE_CHECKING:
     from jinja2 import Environment
@@ -115,11 +114,11 @@ def summary_figures(contents: OutputContents) -> tuple[dict[str, Any], list[str]
     if summary is None:
         notes.append(
             f"No {STATS_FILE} (the last run did not finish, or predates it): the summary is rebuilt from the "
-            f"{len(contents.parts):,} per-part stats records; its wall time runs from the first model call to the "
+            f"{contents.records.parts:,} per-part stats records; its wall time runs from the first model call to the "
             "last commit."
         )
-        summary = summarise_parts(contents.parts, contents.job)
-    if not contents.parts:
+        summary = summarise_parts(contents.records, contents.job)
+    if not contents.records.parts:
         notes.append(f"No per-part stats records in {STATS_DIR}/: no throughput, per-actor or stage figures.")
     elif summary.get("rows") != contents.metadata_rows:
         notes.append(
@@ -190,10 +189,10 @@ def render_report(contents: OutputContents) -> str:
     groups = summary_groups(figures)
     shown = dict(item for _, items in groups for item in items)
     labels = {key: label for _, label, key, _ in SUMMARY_FIELDS}
-    series = throughput_series(contents.parts)
-    total = PartStats.total(contents.parts)
+    series = throughput_series(contents.records)
+    total = contents.records.total
     actors = actor_summaries(total)
-    stages = stage_breakdown(contents.parts) if contents.parts else []
+    stages = stage_breakdown(total) if contents.records.parts else []
     stage_total = sum(seconds for _, seconds in stages) or 1.0
     rows = max(total.rows, 1)
     return (
@@ -206,7 +205,7 @@ def render_report(contents: OutputContents) -> str:
             tiles=[(shown[labels[key]], caption) for key, caption in HEADLINE if labels[key] in shown],
             groups=groups,
             throughput=Markup(plot_throughput(series)) if series is not None else None,
-            calls=len(total.calls),
+            calls=contents.records.stats.model_calls,
             actors=actors,
             actors_plot=Markup(plot_actors(actors)) if actors else None,
             actors_hidden=max(0, len(actors) - MAX_ACTORS_PLOTTED),

@@ -31,6 +31,7 @@ from pipeline.core.layout import (
     part_stats_paths,
     read_json,
 )
+from pipeline.output.report.figures import PartsDigest
 from pipeline.output.stats import PartStats
 from pipeline.output.streaming import bounded_map, read_columns
 
@@ -49,7 +50,7 @@ class OutputContents:
 
     output: str
     stats: dict[str, Any] | None  # stats.json: the last run
-    parts: list[PartStats]  # stats/part-*.json: every committed part of every run
+    records: PartsDigest  # stats/part-*.json: every committed part of every run, added up
     job: dict[str, Any] | None
     metadata_rows: int
     metadata_parts: int
@@ -82,7 +83,7 @@ def _read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int
     contents = OutputContents(
         output=output,
         stats=read_json(fs, join(root, STATS_FILE)),
-        parts=_read_part_records(fs, root),
+        records=_read_part_records(fs, root),
         job=read_json(fs, join(root, JOB_RECORD)),
         metadata_rows=0,
         metadata_parts=len(files),
@@ -100,12 +101,13 @@ def _cat(fs: AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseExce
     return found
 
 
-def _read_part_records(fs: AbstractFileSystem, root: str) -> list[PartStats]:
+def _read_part_records(fs: AbstractFileSystem, root: str) -> PartsDigest:
+    """Every part's stats record, added up as it arrives (a bounded window of fetches)."""
+    digest = PartsDigest()
     paths = part_stats_paths(fs, root)
     if not paths:
-        return []
+        return digest
     batches = [paths[start : start + _RECORDS_AT_ONCE] for start in range(0, len(paths), _RECORDS_AT_ONCE)]
-    records = []
     for path, data in (
         item
         for batch in bounded_map(lambda batch: _cat(fs, batch), batches, threads=4)
@@ -119,8 +121,8 @@ def _read_part_records(fs: AbstractFileSystem, root: str) -> list[PartStats]:
             logger.warning("ignoring the stats record %s: %s", path, error)
             continue
         if isinstance(record, dict):
-            records.append(PartStats.from_dict(record))
-    return records
+            digest.add(PartStats.from_dict(record))
+    return digest
 
 
 @dataclass(frozen=True)
