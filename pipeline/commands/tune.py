@@ -49,7 +49,7 @@ BEST_CONFIG = "best.yaml"
 def prepare(config: JobConfig, ray_address: str | None) -> JobConfig:
     """Connect to Ray (as `run` does) and resolve the job's automatic placement."""
     init_ray(ray_address)
-    return resolve_resources(config)
+    return resolve_resources(config, embedded=ray_address is None)
 
 
 def on_gpu(config: JobConfig) -> bool:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 READ_CPUS = 0.25
 ENCODE_CPUS = 0.5
 WRITE_CPUS = 0.25
+LIGHT_STAGE_CPUS = max(READ_CPUS, ENCODE_CPUS, WRITE_CPUS)  # what must stay free beside the actors
 
 
 def model_info(config: JobConfig) -> ModelInfo:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.core.errors import SdxlBatchError, StorageError, error_from_text, exception_chain
+from pipeline.core.errors import ConfigError, SdxlBatchError, StorageError, error_from_text, exception_chain
 from pipeline.core.io import filesystem, join
 from pipeline.core.layout import IMAGES_DIR, JOB_RECORD, METADATA_DIR, REJECTS_DIR, SHARDS_DIR, STATS_FILE, write_json
 from pipeline.output.publish import publish
@@ -30,7 +30,7 @@ from pipeline.plan.job import (
 from pipeline.plan.ledger import clear_output
 from pipeline.plan.manifest import list_manifest_files
 from pipeline.plan.rows import RowPlan
-from pipeline.run.builder import build_dataset, model_info
+from pipeline.run.builder import LIGHT_STAGE_CPUS, build_dataset, model_info
 from pipeline.run.crashes import watch_failed_stage, worker_death
 from pipeline.run.session import init_ray
 
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from pipeline.core.config import JobConfig
 
 logger = logging.getLogger(__name__)
+
+MIN_ACTOR_CPUS = 0.1  # the least CPU reservation per generator actor the fitting goes down to
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,15 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def resolve_resources(config: JobConfig) -> JobConfig:
+def resolve_resources(config: JobConfig, *, embedded: bool = False) -> JobConfig:
     """Fill the automatic placement from the cluster Ray is connected to: one GPU per actor when
-    the cluster has GPUs (else CPU actors), and one actor per GPU (at least one)."""
+    the cluster has GPUs (else CPU actors), and one actor per GPU (at least one). `embedded`: Ray
+    runs on this machine alone (no `--address`), so what it lacks now it lacks for good."""
     import ray
 
     resources = config.resources
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    cluster = ray.cluster_resources()
+    gpus = float(cluster.get("GPU", 0.0))
     per_actor = resources.gpus_per_actor
     if per_actor is None:
         per_actor = 1.0 if gpus else 0.0
@@ -83,7 +87,34 @@ def resolve_resources(config: JobConfig) -> JobConfig:
             gpus,
         )
     update = {"gpus_per_actor": per_actor, "actors": actors}
+    update["cpus_per_actor"] = _fit_actor_cpus(config, actors, float(cluster.get("CPU", 0.0)), embedded=embedded)
     return config.model_copy(update={"resources": resources.model_copy(update=update)})
+
+
+def _fit_actor_cpus(config: JobConfig, actors: int | tuple[int, int], cpus: float, *, embedded: bool) -> float:
+    """CPUs to reserve per generator actor so that its minimum count leaves the light stages
+    (read, encode, write: up to LIGHT_STAGE_CPUS each) a CPU to run on. When the actors took every
+    CPU, Ray Data waited for ever without a word (measured: 2 actors x 1 CPU on 2 CPUs, 10 min).
+    The default (1 CPU) is lowered to fit; a value the user set is theirs: an error on an embedded
+    Ray, a warning on a cluster (an autoscaler may add CPU nodes)."""
+    resources = config.resources
+    reserved = resources.cpus_per_actor
+    count = actors[0] if isinstance(actors, tuple) else actors
+    if count * reserved + LIGHT_STAGE_CPUS <= cpus + 1e-9:
+        return reserved
+    fit = math.floor(100 * (cpus - LIGHT_STAGE_CPUS) / count) / 100
+    short = (
+        f"{count} generator actor(s) x {reserved:g} CPU (resources.cpus_per_actor) leave less than the "
+        f"{LIGHT_STAGE_CPUS:g} CPU that reading, encoding and writing need of the cluster's {cpus:g} CPU(s)"
+    )
+    if "cpus_per_actor" not in resources.model_fields_set and fit >= MIN_ACTOR_CPUS:
+        logger.info("%s: reserving %g CPU per actor instead", short, fit)
+        return fit
+    advice = f"set resources.cpus_per_actor to {fit:g} or less" if fit >= MIN_ACTOR_CPUS else "run fewer actors"
+    if embedded:
+        raise ConfigError(f"{short}, so the job could never start: {advice} (or resources.actors)")
+    logger.warning("%s: the job waits until an autoscaler adds CPUs (or %s)", short, advice)
+    return reserved
 
 
 def read_slice_rows(remaining: int, config: JobConfig) -> int:
@@ -164,7 +195,7 @@ def run_job(
     if remaining:
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
         init_ray(ray_address, metrics_port=metrics_port)
-        config = resolve_resources(config)
+        config = resolve_resources(config, embedded=ray_address is None)
         _execute(config, job.manifest, remaining, stats, progress=progress, passthrough=job.passthrough)
     _publish(config, job.output)
     wall = time.perf_counter() - start

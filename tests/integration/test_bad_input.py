@@ -163,3 +163,16 @@ def test_a_model_that_cannot_load_stops_the_job_with_its_own_message(tmp_path: P
     assert result.returncode == 2
     assert "error: " in result.stderr and "no-such-model' is neither a local diffusers folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_actors_that_would_take_every_cpu_stop_the_job_instead_of_hanging(tmp_path: Path, model_cache: Path) -> None:
+    """As many 1-CPU actors as the machine has CPUs left the read, encode and write stages no CPU:
+    Ray Data waited for ever without a word. Set by the user, that is now an error naming the fix."""
+    cpus = os.cpu_count() or 1
+    config = _config(tmp_path, model_cache, write_manifest(tmp_path / "m.parquet", prompt_rows(4)))
+    result = run_cli("run", str(config), "--no-progress", "--set", f"resources.actors={cpus}",
+                     "--set", "resources.cpus_per_actor=1", timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{cpus} generator actor(s) x 1 CPU (resources.cpus_per_actor)" in result.stderr
+    assert "could never start" in result.stderr and "resources.cpus_per_actor to" in result.stderr
+    assert not (tmp_path / "out" / "metadata").exists() or not list((tmp_path / "out" / "metadata").iterdir())
