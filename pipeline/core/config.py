@@ -243,7 +243,15 @@ class ResourcesConfig(_Section):
             "Default: 1 when the cluster has GPUs, else 0."
         ),
     )
-    cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs reserved per generator actor.")
+    cpus_per_actor: float = Field(
+        default=1.0,
+        gt=0.0,
+        description=(
+            "CPUs reserved per generator actor. The default is lowered where the actors would leave the read, "
+            "encode and write stages less than 0.5 CPU (a 1-CPU machine: 0.5); a value set here that leaves them "
+            "none is an error on a local Ray, a warning on a cluster."
+        ),
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
