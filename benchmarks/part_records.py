@@ -30,7 +30,7 @@ What it measures, on this machine:
   through one stage) and a cost per row (`cpu = tasks * t + rows * r`), and the share of the
   driver's CPU in threads that run Python (one GIL) is read from /proc.
 - **How the graph cuts rows into tasks and parts**: the builder's four stages with stand-ins
-  (read slices of `--slice-rows`, actors that emit `--size`² RGB pixels, an encoder that emits
+  (read tasks of `--row-group-rows` cut into slices of `--slice-rows`, actors that emit `--size`² RGB pixels, an encoder that emits
   smooth-PNG-sized bytes, a writer that counts its rows), with the builder's batch sizes and CPU
   reservations, at sizes divided by `--graph-scale` (Ray Data's block size limit too, so blocks
   split where they would at full size): tasks per stage per part, and the parts' sizes.
@@ -431,17 +431,27 @@ STAGE_NAMES = {
 
 class GraphReplica:
     """The builder's graph (`run.builder._graph`) with stand-in stages and its batch sizes and CPU
-    reservations: read slices of `slice_rows` rows, an actor pool that adds a `pixels` column of
-    `size`² RGB per row, an encode stage that swaps it for `image` bytes, a write stage that
-    returns one summary row per part. Row and block sizes are divided by `scale` (Ray Data's
-    `target_max_block_size` too), so blocks split where they would at full size."""
+    reservations: read tasks of `row_group_rows` rows cut into blocks of `slice_rows` (the
+    builder's repartition), an actor pool that adds a `pixels` column of `size`² RGB per row, an
+    encode stage that swaps it for `image` bytes in tasks of `builder.encode_rows` rows, a write
+    stage that returns one summary row per part. Byte sizes are divided by `scale` (Ray Data's
+    `target_max_block_size` too), so blocks split where they would at full size; rows are not."""
 
-    STAGE = re.compile(r"Operator \d+ (?:MapBatches\()?(?:\w+\.)?(\w+)\)?: (\d+) tasks executed, (\d+) blocks produced")
+    STAGE = re.compile(r"Operator \d+ (?:MapBatches\()?(?:\w+\.)?(\w+)\)?(?:->\w+)?: (\d+) tasks executed, "
+                       r"(\d+) blocks produced")  # fmt: skip
 
     def __init__(self, args: argparse.Namespace):
+        from pipeline.core.config import JobConfig
+        from pipeline.run.builder import encode_rows
+
         self.args = args
         self.row_bytes = args.size * args.size * 3 // args.graph_scale
         self.image_bytes = int(1.707e6 * (args.size / 1024) ** 2) // args.graph_scale  # the smooth PNG's size
+        config = JobConfig.model_validate({
+            "manifest": "m.parquet", "output": "out",
+            "generation": {"width": args.size, "height": args.size, "batch_size": args.batch_size},
+        })  # fmt: skip
+        self.encode_rows = encode_rows(config, args.slice_rows)
 
     def run(self, rows_per_part: int) -> tuple[list[list[str]], Counter[int]]:
         """Tasks and blocks per stage (and per `rows_per_part` rows), and the sizes of the parts."""
@@ -454,22 +464,25 @@ class GraphReplica:
         context = ray.data.DataContext.get_current()
         default_block = context.target_max_block_size
         context.target_max_block_size = default_block // args.graph_scale
+        rows = args.graph_slices * args.slice_rows
+        groups = [min(args.row_group_rows, rows - start) for start in range(0, rows, args.row_group_rows)]
         try:
-            slices = [{"slice": i} for i in range(args.graph_slices)]
-            dataset: ray.data.Dataset = ray.data.from_items(slices, override_num_blocks=len(slices))
+            dataset: ray.data.Dataset = ray.data.from_items(
+                [{"rows": n} for n in groups], override_num_blocks=len(groups)
+            )
             dataset = dataset.map_batches(self.read, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+            dataset = dataset.repartition(target_num_rows_per_block=args.slice_rows)
             dataset = dataset.map_batches(
                 PixelStandIn, fn_constructor_kwargs={"row_bytes": self.row_bytes}, batch_size=args.batch_size,
                 batch_format="pyarrow", num_cpus=0.5,
                 compute=ray.data.ActorPoolStrategy(min_size=args.graph_actors, max_size=args.graph_actors),
             )  # fmt: skip
-            dataset = dataset.map_batches(self.encode, batch_size=args.batch_size, batch_format="pyarrow", num_cpus=0.5)
+            dataset = dataset.map_batches(self.encode, batch_size=self.encode_rows, batch_format="pyarrow", num_cpus=0.5)
             dataset = dataset.map_batches(self.write, batch_size=rows_per_part, batch_format="pyarrow", num_cpus=0.25)
             parts = Counter(int(row["rows"]) for row in dataset.iter_rows())
             report = dataset.stats()
         finally:
             context.target_max_block_size = default_block
-        rows = args.graph_slices * args.slice_rows
         assert sum(size * count for size, count in parts.items()) == rows, parts
         table = [
             [f"{rows_per_part}", STAGE_NAMES.get(name, name), tasks, blocks, f"{int(tasks) / rows * rows_per_part:.2f}"]
@@ -478,8 +491,9 @@ class GraphReplica:
         ]
         return table, parts
 
-    def read(self, batch: pa.Table) -> pa.Table:
-        return pa.table({"row": pa.array(range(self.args.slice_rows), pa.int64())})
+    @staticmethod
+    def read(batch: pa.Table) -> pa.Table:
+        return pa.table({"row": pa.array(range(batch.column("rows")[0].as_py()), pa.int64())})
 
     def encode(self, batch: pa.Table) -> pa.Table:
         images = pa.array([b"\1" * self.image_bytes] * batch.num_rows, pa.large_binary())
@@ -603,6 +617,7 @@ def main() -> None:
         "--slice-rows", type=int, default=256, help="rows per read slice (read_slice_rows at 100M rows)"
     )
     parser.add_argument("--graph-slices", type=int, default=32, help="read slices through the graph replica")
+    parser.add_argument("--row-group-rows", type=int, default=10_000, help="rows per read task (a row group)")
     parser.add_argument("--graph-actors", type=int, default=2, help="actors of the graph replica")
     parser.add_argument("--graph-parts", default="512,64", help="rows per part of the graph replica's runs")
     parser.add_argument("--graph-scale", type=int, default=64, help="row and block sizes divided by this")

@@ -36,6 +36,8 @@ READ_CPUS = 0.25
 ENCODE_CPUS = 0.5
 WRITE_CPUS = 0.25
 LIGHT_STAGE_CPUS = max(READ_CPUS, ENCODE_CPUS, WRITE_CPUS)  # what must stay free beside the actors
+# The most raw pixels one encode task takes in (see `encode_rows`).
+ENCODE_TASK_BYTES = 512 * 2**20
 
 
 def model_info(config: JobConfig) -> ModelInfo:
@@ -114,6 +116,22 @@ def encode_stage(config: JobConfig) -> EncodeImages:
     return EncodeImages(image_format=config.generation.image_format, quality=config.generation.image_quality)
 
 
+def encode_rows(config: JobConfig, slice_rows: int) -> int:
+    """Rows per encode task: a read slice's, or as many whole batches as ENCODE_TASK_BYTES of the
+    job's default image size hold, at least one batch.
+
+    Each Ray Data task costs the driver's streaming executor about 8 ms of CPU, most of it Python
+    under one GIL (benchmarks/part_records.py). Bundled by the batch size, every block of the
+    generator's output was an encode task of its own: Ray Data cuts that output into blocks of
+    128 MiB (48 rows at 1024²), 12 encode tasks of the 17 per 512 rows, which capped a 1,000-GPU
+    job at about 5,300 images/s on the driver (docs/scale.md). At 1024² this takes 168 rows: 3
+    encode tasks per 512 rows."""
+    defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
+    batch = config.generation.batch_size
+    fit = ENCODE_TASK_BYTES // (defaults.width * defaults.height * 3) // batch * batch
+    return max(batch, min(slice_rows, fit))
+
+
 def write_stage(config: JobConfig, passthrough: pa.Schema) -> WriteParts:
     writer = PartWriter(
         output=config.output,
@@ -182,7 +200,7 @@ def _graph(
     )
     dataset = dataset.map_batches(
         encode_stage(config),
-        batch_size=config.generation.batch_size,
+        batch_size=encode_rows(config, slice_rows),
         batch_format="pyarrow",
         num_cpus=ENCODE_CPUS,
         **tasks_retry,
