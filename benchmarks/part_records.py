@@ -29,11 +29,12 @@ What it measures, on this machine:
   block, and through three unfused stages; a least-squares fit gives a cost per task (a block
   through one stage) and a cost per row (`cpu = tasks * t + rows * r`), and the share of the
   driver's CPU in threads that run Python (one GIL) is read from /proc.
-- **How the graph cuts rows into tasks and parts**: the builder's four stages with stand-ins
-  (read tasks of `--row-group-rows` cut into slices of `--slice-rows`, actors that emit `--size`² RGB pixels, an encoder that emits
-  smooth-PNG-sized bytes, a writer that counts its rows), with the builder's batch sizes and CPU
-  reservations, at sizes divided by `--graph-scale` (Ray Data's block size limit too, so blocks
-  split where they would at full size): tasks per stage per part, and the parts' sizes.
+- **How the graph cuts rows into tasks and parts**: the builder's stages with stand-ins (read
+  tasks of `--row-group-rows` cut into slices of `--slice-rows`, actors that emit `--size`² RGB
+  pixels, an encoder that emits smooth-PNG-sized bytes, a writer that counts its rows), with the
+  builder's batch sizes and CPU reservations, at byte sizes divided by `--graph-scale` (Ray
+  Data's block size limit too, so blocks split where they would at full size): tasks per stage
+  per part, and the parts' sizes.
 - **Image encoding**: `pipeline.run.encoding.encode_batch` (the encode stage: PIL encode and
   sha256) on `--size`² images in PNG, JPEG and WebP at quality 95, in CPU ms per image (one
   core: every encoder here is single-threaded) and bytes per image. The pixels are synthetic, a
@@ -423,40 +424,45 @@ def measure_ray(args: argparse.Namespace) -> tuple[list[list[str]], tuple[float,
 
 STAGE_NAMES = {
     "read": "read (tasks)",
+    "read->StreamingRepartition": "read, cut into slices (tasks)",
     "PixelStandIn": "generate (actors)",
     "encode": "encode (tasks)",
     "write": "write (tasks)",
 }
 
 
+def stage_name(operator: str) -> str:
+    """Our name for a Ray Data operator of the replica's stats (`MapBatches(GraphReplica.encode)`,
+    `MapBatches(read)->StreamingRepartition[num_rows_per_block=256,strict=False]`)."""
+    name = re.sub(r"\[[^\]]*\]", "", operator).replace("MapBatches(", "").replace(")", "")
+    name = name.removeprefix("GraphReplica.")
+    return STAGE_NAMES.get(name, name)
+
+
 class GraphReplica:
     """The builder's graph (`run.builder._graph`) with stand-in stages and its batch sizes and CPU
     reservations: read tasks of `row_group_rows` rows cut into blocks of `slice_rows` (the
     builder's repartition), an actor pool that adds a `pixels` column of `size`² RGB per row, an
-    encode stage that swaps it for `image` bytes in tasks of `builder.encode_rows` rows, a write
-    stage that returns one summary row per part. Byte sizes are divided by `scale` (Ray Data's
+    encode stage that swaps it for `image` bytes, a write
+    stage that returns one summary row per part; the slices are cut by `builder._repartition`
+    itself. Byte sizes are divided by `scale` (Ray Data's
     `target_max_block_size` too), so blocks split where they would at full size; rows are not."""
 
-    STAGE = re.compile(r"Operator \d+ (?:MapBatches\()?(?:\w+\.)?(\w+)\)?(?:->\w+)?: (\d+) tasks executed, "
-                       r"(\d+) blocks produced")  # fmt: skip
+    STAGE = re.compile(r"Operator \d+ (\S+): (\d+) tasks executed, (\d+) blocks produced")
 
     def __init__(self, args: argparse.Namespace):
-        from pipeline.core.config import JobConfig
-        from pipeline.run.builder import encode_rows
+        from pipeline.run.builder import ENCODE_CPUS, READ_CPUS, WRITE_CPUS
 
+        self.cpus = (READ_CPUS, ENCODE_CPUS, WRITE_CPUS)
         self.args = args
         self.row_bytes = args.size * args.size * 3 // args.graph_scale
         self.image_bytes = int(1.707e6 * (args.size / 1024) ** 2) // args.graph_scale  # the smooth PNG's size
-        config = JobConfig.model_validate({
-            "manifest": "m.parquet", "output": "out",
-            "generation": {"width": args.size, "height": args.size, "batch_size": args.batch_size},
-        })  # fmt: skip
-        self.encode_rows = encode_rows(config, args.slice_rows)
 
     def run(self, rows_per_part: int) -> tuple[list[list[str]], Counter[int]]:
         """Tasks and blocks per stage (and per `rows_per_part` rows), and the sizes of the parts."""
         import ray.data
 
+        from pipeline.run.builder import _repartition
         from pipeline.run.session import init_ray
 
         args = self.args
@@ -470,15 +476,18 @@ class GraphReplica:
             dataset: ray.data.Dataset = ray.data.from_items(
                 [{"rows": n} for n in groups], override_num_blocks=len(groups)
             )
-            dataset = dataset.map_batches(self.read, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-            dataset = dataset.repartition(target_num_rows_per_block=args.slice_rows)
+            read, encode, write = self.cpus
+            dataset = dataset.map_batches(self.read, batch_size=1, batch_format="pyarrow", num_cpus=read)
+            dataset = _repartition(dataset, args.slice_rows, cpus=read)
             dataset = dataset.map_batches(
                 PixelStandIn, fn_constructor_kwargs={"row_bytes": self.row_bytes}, batch_size=args.batch_size,
                 batch_format="pyarrow", num_cpus=0.5,
                 compute=ray.data.ActorPoolStrategy(min_size=args.graph_actors, max_size=args.graph_actors),
             )  # fmt: skip
-            dataset = dataset.map_batches(self.encode, batch_size=self.encode_rows, batch_format="pyarrow", num_cpus=0.5)
-            dataset = dataset.map_batches(self.write, batch_size=rows_per_part, batch_format="pyarrow", num_cpus=0.25)
+            dataset = dataset.map_batches(
+                self.encode, batch_size=args.batch_size, batch_format="pyarrow", num_cpus=encode
+            )
+            dataset = dataset.map_batches(self.write, batch_size=rows_per_part, batch_format="pyarrow", num_cpus=write)
             parts = Counter(int(row["rows"]) for row in dataset.iter_rows())
             report = dataset.stats()
         finally:
@@ -486,7 +495,7 @@ class GraphReplica:
         assert sum(size * count for size, count in parts.items()) == rows, parts
         table = [
             [f"{rows_per_part}", STAGE_NAMES.get(name, name), tasks, blocks, f"{int(tasks) / rows * rows_per_part:.2f}"]
-            for name, tasks, blocks in self.STAGE.findall(report)
+            for name, tasks, blocks in ((stage_name(n), t, b) for n, t, b in self.STAGE.findall(report))
             if name != "FromItems"
         ]
         return table, parts
@@ -653,7 +662,7 @@ def main() -> None:
         "",
         "What `JobStats` holds after N records (tracemalloc; the parsed records themselves are freed):",
         "",
-        *markdown(["GPUs", "records", "actors held", "model-call seconds held", "held", "bytes per record"], memory),
+        *markdown(["GPUs", "records", "actors held", "model calls (sketched)", "held", "bytes per record"], memory),
         "",
         f"End of job, files layout (`publish`): the set of every committed image path holds "
         f"**{path_bytes:.0f} bytes per image** (`images/<2 hex>/part-000-000000012.png`).",

@@ -36,8 +36,6 @@ READ_CPUS = 0.25
 ENCODE_CPUS = 0.5
 WRITE_CPUS = 0.25
 LIGHT_STAGE_CPUS = max(READ_CPUS, ENCODE_CPUS, WRITE_CPUS)  # what must stay free beside the actors
-# The most raw pixels one encode task takes in (see `encode_rows`).
-ENCODE_TASK_BYTES = 512 * 2**20
 
 
 def model_info(config: JobConfig) -> ModelInfo:
@@ -116,22 +114,6 @@ def encode_stage(config: JobConfig) -> EncodeImages:
     return EncodeImages(image_format=config.generation.image_format, quality=config.generation.image_quality)
 
 
-def encode_rows(config: JobConfig, slice_rows: int) -> int:
-    """Rows per encode task: a read slice's, or as many whole batches as ENCODE_TASK_BYTES of the
-    job's default image size hold, at least one batch.
-
-    Each Ray Data task costs the driver's streaming executor about 8 ms of CPU, most of it Python
-    under one GIL (benchmarks/part_records.py). Bundled by the batch size, every block of the
-    generator's output was an encode task of its own: Ray Data cuts that output into blocks of
-    128 MiB (48 rows at 1024²), 12 encode tasks of the 17 per 512 rows, which capped a 1,000-GPU
-    job at about 5,300 images/s on the driver (docs/scale.md). At 1024² this takes 168 rows: 3
-    encode tasks per 512 rows."""
-    defaults = SettingDefaults.from_config(config.generation, get_preset(config.model.preset))
-    batch = config.generation.batch_size
-    fit = ENCODE_TASK_BYTES // (defaults.width * defaults.height * 3) // batch * batch
-    return max(batch, min(slice_rows, fit))
-
-
 def write_stage(config: JobConfig, passthrough: pa.Schema) -> WriteParts:
     writer = PartWriter(
         output=config.output,
@@ -173,6 +155,19 @@ def build_dataset(
     return dataset
 
 
+def _repartition(dataset: ray.data.Dataset, rows: int, *, cpus: float) -> ray.data.Dataset:
+    """Ray Data's streaming repartition into blocks of `rows` rows, its tasks reserving `cpus`.
+
+    Ray 2.60's `repartition()` takes no Ray remote args, and its tasks default to a whole CPU:
+    on a node whose CPUs the actors hold but a fraction, they wait behind every lighter task; with
+    the read stage's reservation they fuse into the read tasks (one task per row group). The
+    logical operator keeps the args its tasks are planned with; Ray is pinned (pyproject.toml)
+    and tests/run/test_builder.py checks the operator."""
+    dataset = dataset.repartition(target_num_rows_per_block=rows)
+    dataset._logical_plan.dag.ray_remote_args["num_cpus"] = cpus
+    return dataset
+
+
 def _graph(
     config: JobConfig, tasks: list[dict[str, Any]], masks: dict[int, Any], slice_rows: int, passthrough: pa.Schema
 ) -> ray.data.Dataset:
@@ -186,7 +181,7 @@ def _graph(
     )
     # A read task yields a whole row group's pending rows; the generators take them in slices
     # (runner.read_slice_rows: a crash loses at most a slice, and parts commit early).
-    dataset = dataset.repartition(target_num_rows_per_block=slice_rows)
+    dataset = _repartition(dataset, slice_rows, cpus=READ_CPUS)
     dataset = dataset.map_batches(
         GenerateImages,
         fn_constructor_kwargs=generator_kwargs(config),
@@ -200,7 +195,7 @@ def _graph(
     )
     dataset = dataset.map_batches(
         encode_stage(config),
-        batch_size=encode_rows(config, slice_rows),
+        batch_size=config.generation.batch_size,
         batch_format="pyarrow",
         num_cpus=ENCODE_CPUS,
         **tasks_retry,

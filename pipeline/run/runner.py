@@ -123,8 +123,8 @@ def read_slice_rows(remaining: int, config: JobConfig) -> int:
     so slices bound the work a crash can lose and the wait for the first commit (measured: 465 s
     with whole 10,000-row row groups, 64 s with 1,024-row slices): at most 256 rows, about 8 per
     actor, and at least 64 (cheap scheduling) unless a small job needs smaller slices to give
-    every actor two. A multiple of the batch size, and of `write.rows_per_part` where that fits:
-    the writer cuts parts inside a slice, so other sizes leave a partial part per slice."""
+    every actor two. A multiple of the batch size (no padded model call), and of
+    `write.rows_per_part` where that fits (a part's rows then come from one slice)."""
     batch = config.generation.batch_size
     actors = config.resources.max_actors
     target = -(-remaining // (actors * 8))

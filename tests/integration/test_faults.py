@@ -90,13 +90,37 @@ def test_killed_actor_is_restarted_and_the_job_finishes(tmp_path: Path, model_ca
     output = tmp_path / "out"
     process = _start(_config(tmp_path, model_cache, str(manifest), str(output)))
     _wait_for(lambda: _parts(output / "metadata") >= 2, process)
-    pids = subprocess.run(["pgrep", "-f", r"MapBatches\(GenerateImages\)"], capture_output=True, text=True).stdout
-    assert pids.split(), "no generator actor process found"
-    for pid in pids.split():
-        os.kill(int(pid), signal.SIGKILL)
+    pids = _generator_processes(process.pid)
+    assert pids, "no generator actor process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
     _verify(str(output), str(manifest))
+
+
+def _generator_processes(driver: int) -> list[int]:
+    """The generator actors of the job whose driver is `driver`: its embedded Ray's workers are
+    its descendants (raylet, then workers). Only this job's: other tests' Ray may run beside it."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+    found = []
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor != driver:
+            ancestor = parents.get(ancestor)
+        if ancestor == driver:
+            try:
+                if b"MapBatches(GenerateImages)" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                continue
+    return found
 
 
 def _s3_job(tmp_path: Path, model_cache: Path, bucket: str, endpoint: str) -> tuple[s3fs.S3FileSystem, str, str, Path]:

@@ -107,10 +107,15 @@ def test_killed_between_a_tar_and_its_metadata_then_resumed(
     assert 0 < committed.num_rows < len(IDS)
     listed = set(committed.column("image_path").to_pylist())
     globbed = {p.removeprefix(root + "/") for p in fs.glob(f"{root}/shards/*.tar")}
-    assert len(globbed - listed) == 1  # the killed part's tar: globbing readers would read its rows twice
+    # The killed part's tar, and that of any other write task caught between its tar and its
+    # metadata: globbing readers would read their rows twice.
+    orphans = len(globbed - listed)
+    assert orphans >= 1
     before = run_cli("verify", output, env=env)
     assert before.returncode == 0, before.stdout + before.stderr
-    assert re.search(r"orphans: +\d+ \(0 images, 1 tars, [01] stats records", before.stdout), before.stdout
+    # (a write task of the killed driver's Ray may still be finishing: as many or more by now)
+    tars = re.search(r"orphans: +\d+ \(0 images, (\d+) tars, \d+ stats records", before.stdout)
+    assert tars and int(tars.group(1)) >= orphans, before.stdout
 
     resumed = run_cli("run", str(config), "--no-progress", "--set", "write.rows_per_part=3", env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ class RecordedGraph:
 
     def repartition(self, **kwargs: Any) -> RecordedGraph:
         self.stages.append(("repartition", kwargs))
+        self._logical_plan = SimpleNamespace(dag=SimpleNamespace(ray_remote_args=kwargs))
         return self
 
 
@@ -41,9 +43,12 @@ def test_every_stage_bounds_the_restarts_and_retries_of_its_dead_workers(
     build_dataset(config, [], masks={}, slice_rows=64)
 
     bound = 2 if max_retries is None else max_retries  # a small default: Ray Data's is unbounded (-1)
+    names = [name for name, _ in graph.stages]
+    assert names == ["ReadManifest", "repartition", "GenerateImages", "EncodeImages", "WriteParts"]
+    # The generators' slices, cut by tasks reserving the read stage's CPU (recorded here with the
+    # arguments: see _repartition).
+    assert graph.stages[1][1] == {"target_num_rows_per_block": 64, "num_cpus": 0.25}
     stages = dict(graph.stages)
-    assert list(stages) == ["ReadManifest", "repartition", "GenerateImages", "EncodeImages", "WriteParts"]
-    assert stages["repartition"] == {"target_num_rows_per_block": 64}  # the generators' slices
     assert stages["GenerateImages"]["max_restarts"] == bound
     # Its batches wait for the restarts: a lost node's seconds of "actor unavailable" use no bound up.
     assert stages["GenerateImages"]["max_task_retries"] == -1
@@ -82,3 +87,23 @@ def test_the_graph_runs_with_a_watch_on_the_nodes_of_its_own(monkeypatch: pytest
     [watch] = graph.context.custom_execution_callback_classes
     assert watch.__name__ == "NodeWatch"
     assert not ray.data.DataContext.get_current().custom_execution_callback_classes
+
+
+def test_repartition_tasks_reserve_a_light_stages_cpu_in_the_plan_ray_runs() -> None:
+    """Ray's own logical operator carries the reservation `_repartition` sets (Ray 2.60's
+    `repartition()` takes no remote args; its tasks would take a whole CPU)."""
+    import ray
+    import ray.data
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    from pipeline.run.builder import _repartition
+
+    started = not ray.is_initialized()
+    try:
+        dataset = _repartition(ray.data.from_items([{"x": 1}, {"x": 2}]), 1, cpus=0.25)
+    finally:
+        if started:  # from_items put its rows in an object store of its own making
+            ray.shutdown()
+    operator = dataset._logical_plan.dag
+    assert isinstance(operator, StreamingRepartition) and operator.target_num_rows_per_block == 1
+    assert operator.ray_remote_args == {"num_cpus": 0.25}
