@@ -163,8 +163,12 @@ def _repartition(dataset: ray.data.Dataset, rows: int, *, cpus: float) -> ray.da
     the read stage's reservation they fuse into the read tasks (one task per row group). The
     logical operator keeps the args its tasks are planned with; Ray is pinned (pyproject.toml)
     and tests/run/test_builder.py checks the operator."""
+    from ray.data._internal.logical.operators import StreamingRepartition
+
     dataset = dataset.repartition(target_num_rows_per_block=rows)
-    dataset._logical_plan.dag.ray_remote_args["num_cpus"] = cpus
+    operator = dataset._logical_plan.dag
+    if isinstance(operator, StreamingRepartition):  # else Ray changed: its default reservation stands
+        operator.ray_remote_args["num_cpus"] = cpus
     return dataset
 
 
