@@ -187,7 +187,11 @@ def main() -> None:
             "",
             *HEADER,
         ]
-    lines.append(row)
+    # The row goes at the end of the results table, before any notes written under it.
+    end = len(HEADER) + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, row)
     path.write_text("\n".join(lines) + "\n")
 
 
