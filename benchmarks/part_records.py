@@ -478,7 +478,7 @@ class GraphReplica:
             )
             read, encode, write = self.cpus
             dataset = dataset.map_batches(self.read, batch_size=1, batch_format="pyarrow", num_cpus=read)
-            dataset = _repartition(dataset, args.slice_rows, cpus=read)
+            dataset = _repartition(dataset, args.slice_rows, remote_args={"num_cpus": read})
             dataset = dataset.map_batches(
                 PixelStandIn, fn_constructor_kwargs={"row_bytes": self.row_bytes}, batch_size=args.batch_size,
                 batch_format="pyarrow", num_cpus=0.5,

@@ -247,9 +247,10 @@ class ResourcesConfig(_Section):
         default=1.0,
         gt=0.0,
         description=(
-            "CPUs reserved per generator actor. The default is lowered where the actors would leave the read, "
-            "encode and write stages less than 0.5 CPU (a 1-CPU machine: 0.5); a value set here that leaves them "
-            "none is an error on a local Ray, a warning on a cluster."
+            "CPUs reserved per generator actor. The default is lowered where the actors would leave less than "
+            "1 CPU beside them, what one read, one encode and one write task reserve together (2 actors on a "
+            "2-CPU machine: 0.5 each); a value set here that leaves less is an error on a local Ray, a warning "
+            "on a cluster."
         ),
     )
     torch_threads: int | None = Field(

@@ -35,7 +35,14 @@ if TYPE_CHECKING:
 READ_CPUS = 0.25
 ENCODE_CPUS = 0.5
 WRITE_CPUS = 0.25
-LIGHT_STAGE_CPUS = max(READ_CPUS, ENCODE_CPUS, WRITE_CPUS)  # what must stay free beside the actors
+# What must stay free beside the generator actors: one task of every light stage at once. Ray
+# Data 2.60's resource allocator (ReservationOpResourceAllocator) reserves one task's resources
+# for each stage in graph order while they fit; a stage left without a reservation runs only on
+# what the others leave over. With less than this sum free, the write stage, last, got none:
+# the read and encode tasks kept every spare CPU and no part was committed until every read
+# had finished (measured: 100M rows with 90M done on 2 CPUs, the repartition not fused: no part
+# after 10 minutes).
+LIGHT_STAGE_CPUS = READ_CPUS + ENCODE_CPUS + WRITE_CPUS
 
 
 def model_info(config: JobConfig) -> ModelInfo:
@@ -155,20 +162,23 @@ def build_dataset(
     return dataset
 
 
-def _repartition(dataset: ray.data.Dataset, rows: int, *, cpus: float) -> ray.data.Dataset:
-    """Ray Data's streaming repartition into blocks of `rows` rows, its tasks reserving `cpus`.
+def _repartition(dataset: ray.data.Dataset, rows: int, *, remote_args: dict[str, Any]) -> ray.data.Dataset:
+    """Ray Data's streaming repartition into blocks of `rows` rows, its tasks run with the
+    upstream stage's `remote_args` (its CPU reservation and retry bound).
 
     Ray 2.60's `repartition()` takes no Ray remote args, and its tasks default to a whole CPU:
-    on a node whose CPUs the actors hold but a fraction, they wait behind every lighter task; with
-    the read stage's reservation they fuse into the read tasks (one task per row group). The
-    logical operator keeps the args its tasks are planned with; Ray is pinned (pyproject.toml)
-    and tests/run/test_builder.py checks the operator."""
+    on a node whose CPUs the actors hold but a fraction, they wait behind every lighter task.
+    With exactly the upstream map's remote args they fuse into its tasks (Ray fuses a map and the
+    repartition after it only when their args are equal: the read's `max_retries` too), so a read
+    task cuts its row group into slices itself and the job has one stage fewer to reserve CPUs
+    for. The logical operator keeps the args its tasks are planned with; Ray is pinned
+    (pyproject.toml) and tests/run/test_builder.py checks the fused plan."""
     from ray.data._internal.logical.operators import StreamingRepartition
 
     dataset = dataset.repartition(target_num_rows_per_block=rows)
     operator = dataset._logical_plan.dag
     if isinstance(operator, StreamingRepartition):  # else Ray changed: its default reservation stands
-        operator.ray_remote_args["num_cpus"] = cpus
+        operator.ray_remote_args.update(remote_args)
     return dataset
 
 
@@ -185,7 +195,7 @@ def _graph(
     )
     # A read task yields a whole row group's pending rows; the generators take them in slices
     # (runner.read_slice_rows: a crash loses at most a slice, and parts commit early).
-    dataset = _repartition(dataset, slice_rows, cpus=READ_CPUS)
+    dataset = _repartition(dataset, slice_rows, remote_args={"num_cpus": READ_CPUS, **tasks_retry})
     dataset = dataset.map_batches(
         GenerateImages,
         fn_constructor_kwargs=generator_kwargs(config),

@@ -92,11 +92,13 @@ def resolve_resources(config: JobConfig, *, embedded: bool = False) -> JobConfig
 
 
 def _fit_actor_cpus(config: JobConfig, actors: int | tuple[int, int], cpus: float, *, embedded: bool) -> float:
-    """CPUs to reserve per generator actor so that its minimum count leaves the light stages
-    (read, encode, write: up to LIGHT_STAGE_CPUS each) a CPU to run on. When the actors took every
-    CPU, Ray Data waited for ever without a word (measured: 2 actors x 1 CPU on 2 CPUs, 10 min).
-    The default (1 CPU) is lowered to fit; a value the user set is theirs: an error on an embedded
-    Ray, a warning on a cluster (an autoscaler may add CPU nodes)."""
+    """CPUs to reserve per generator actor so that its minimum count leaves one task of every
+    light stage (read, encode, write: LIGHT_STAGE_CPUS together) room to run at once. When the
+    actors took every CPU, Ray Data waited for ever without a word (measured: 2 actors x 1 CPU on
+    2 CPUs, 10 min); when they left less than the sum, the write stage waited for every read to
+    finish (builder.LIGHT_STAGE_CPUS). The default (1 CPU) is lowered to fit; a value the user set
+    is theirs: an error on an embedded Ray, a warning on a cluster (an autoscaler may add CPU
+    nodes)."""
     resources = config.resources
     reserved = resources.cpus_per_actor
     count = actors[0] if isinstance(actors, tuple) else actors
@@ -110,7 +112,12 @@ def _fit_actor_cpus(config: JobConfig, actors: int | tuple[int, int], cpus: floa
     if "cpus_per_actor" not in resources.model_fields_set and fit >= MIN_ACTOR_CPUS:
         logger.info("%s: reserving %g CPU per actor instead", short, fit)
         return fit
-    advice = f"set resources.cpus_per_actor to {fit:g} or less" if fit >= MIN_ACTOR_CPUS else "run fewer actors"
+    if fit >= MIN_ACTOR_CPUS:
+        advice = f"set resources.cpus_per_actor to {fit:g} or less"
+    elif count > 1:
+        advice = "run fewer actors"
+    else:
+        advice = f"run it where Ray has at least {LIGHT_STAGE_CPUS + MIN_ACTOR_CPUS:g} CPUs"
     if embedded:
         raise ConfigError(f"{short}, so the job could never start: {advice} (or resources.actors)")
     logger.warning("%s: the job waits until an autoscaler adds CPUs (or %s)", short, advice)

@@ -24,7 +24,7 @@ class RecordedGraph:
 
     def repartition(self, **kwargs: Any) -> RecordedGraph:
         self.stages.append(("repartition", kwargs))
-        self._logical_plan = SimpleNamespace(dag=None)  # see test_repartition_tasks_reserve_...
+        self._logical_plan = SimpleNamespace(dag=None)  # see test_the_read_and_the_cut_into_slices_...
         return self
 
 
@@ -87,21 +87,36 @@ def test_the_graph_runs_with_a_watch_on_the_nodes_of_its_own(monkeypatch: pytest
     assert not ray.data.DataContext.get_current().custom_execution_callback_classes
 
 
-def test_repartition_tasks_reserve_a_light_stages_cpu_in_the_plan_ray_runs() -> None:
-    """Ray's own logical operator carries the reservation `_repartition` sets (Ray 2.60's
-    `repartition()` takes no remote args; its tasks would take a whole CPU)."""
+def test_the_read_and_the_cut_into_slices_run_as_one_task_in_the_plan_ray_runs() -> None:
+    """The builder's real graph, planned by Ray: the repartition into slices fuses into the read
+    tasks (Ray 2.60's `repartition()` takes no remote args, its tasks would take a whole CPU, and
+    a stage of its own is one more the light stages' CPUs must cover: builder.LIGHT_STAGE_CPUS)."""
     import ray
-    import ray.data
     from ray.data._internal.logical.operators import StreamingRepartition
+    from ray.data._internal.logical.optimizers import get_execution_plan
 
-    from pipeline.run.builder import _repartition
+    from pipeline.run.builder import READ_CPUS
 
+    config = JobConfig.model_validate({"manifest": "m.parquet", "output": "out", "resources": {"max_retries": 3}})
     started = not ray.is_initialized()
     try:
-        dataset = _repartition(ray.data.from_items([{"x": 1}, {"x": 2}]), 1, cpus=0.25)
+        dataset = build_dataset(config, [{"file": 0}], masks={}, slice_rows=64)
+        operator = dataset._logical_plan.dag
+        while not isinstance(operator, StreamingRepartition):
+            [operator] = operator.input_dependencies
+        assert operator.target_num_rows_per_block == 64
+        assert operator.ray_remote_args == {"num_cpus": READ_CPUS, "max_retries": 3}
+        physical, _ = get_execution_plan(dataset._logical_plan)
     finally:
         if started:  # from_items put its rows in an object store of its own making
             ray.shutdown()
-    operator = dataset._logical_plan.dag
-    assert isinstance(operator, StreamingRepartition) and operator.target_num_rows_per_block == 1
-    assert operator.ray_remote_args == {"num_cpus": 0.25}
+    names, stage = [], physical.dag
+    while stage.input_dependencies:
+        names.append(stage.name)
+        [stage] = stage.input_dependencies
+    assert names[::-1] == [
+        "MapBatches(ReadManifest)->StreamingRepartition[num_rows_per_block=64,strict=False]",
+        "MapBatches(GenerateImages)",
+        "MapBatches(EncodeImages)",
+        "MapBatches(WriteParts)",
+    ]

@@ -33,24 +33,29 @@ def test_the_default_cpu_reservation_shrinks_to_leave_the_light_stages_a_cpu(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="pipeline.run.runner"):
-        one_cpu = _resolve(monkeypatch, {"CPU": 1.0}).resources  # a 1-CPU container: 1 actor x 1 CPU
-    assert one_cpu.cpus_per_actor == pytest.approx(1.0 - LIGHT_STAGE_CPUS)
+        small = _resolve(monkeypatch, {"CPU": 1.5}).resources  # a 1.5-CPU container: 1 actor x 1 CPU
+    assert LIGHT_STAGE_CPUS == 1.0  # one read (0.25), one encode (0.5) and one write (0.25) task at once
+    assert small.cpus_per_actor == pytest.approx(0.5)
     assert "reserving 0.5 CPU per actor instead" in caplog.text
+    two = _resolve(monkeypatch, {"CPU": 2.0}, actors=2).resources
+    assert two.cpus_per_actor == pytest.approx(0.5)
     # 8 GPUs and 8 CPUs (a pod's CPU request): the minimum of an autoscaling range counts.
     pod = _resolve(monkeypatch, {"CPU": 8.0, "GPU": 8.0}, actors=[4, 8]).resources
     assert pod.cpus_per_actor == pytest.approx(1.0)
     full = _resolve(monkeypatch, {"CPU": 8.0, "GPU": 8.0}).resources
-    assert full.cpus_per_actor == pytest.approx(0.93) and 8 * full.cpus_per_actor + LIGHT_STAGE_CPUS <= 8.0
+    assert full.cpus_per_actor == pytest.approx(0.87) and 8 * full.cpus_per_actor + LIGHT_STAGE_CPUS <= 8.0
 
 
 def test_a_cpu_reservation_the_user_set_that_cannot_fit(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ConfigError, match=r"2 generator actor\(s\) x 1 CPU .* could never start: set "
-                       r"resources.cpus_per_actor to 0.75 or less"):  # fmt: skip
+                       r"resources.cpus_per_actor to 0.5 or less"):  # fmt: skip
         _resolve(monkeypatch, {"CPU": 2.0}, actors=2, cpus_per_actor=1.0)
     with pytest.raises(ConfigError, match="run fewer actors"):
         _resolve(monkeypatch, {"CPU": 1.0}, actors=8)  # even the default cannot shrink that far
+    with pytest.raises(ConfigError, match=r"run it where Ray has at least 1\.1 CPUs"):
+        _resolve(monkeypatch, {"CPU": 1.0})  # one actor cannot shrink that far either
     # On a cluster an autoscaler may add CPU nodes: a warning, and the user's value stands.
     with caplog.at_level(logging.WARNING, logger="pipeline.run.runner"):
         kept = _resolve(monkeypatch, {"CPU": 2.0}, embedded=False, actors=2, cpus_per_actor=1.0).resources
