@@ -36,13 +36,13 @@ _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", Sec
 
 def walk_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
     """Every field under `model` with its dotted key, sections and list items included
-    (a list of models is walked as `key[].field`)."""
+    (a list of models is walked as `key[].field`, a mapping of them as `key.<name>.field`)."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         yield key, field
         nested = _nested_model(field.annotation)
         if nested is not None:
-            item = "[]" if get_origin(field.annotation) is list else ""
+            item = {list: "[]", dict: ".<type>"}.get(get_origin(field.annotation), "")  # type: ignore[call-overload]
             yield from walk_fields(nested, f"{key}{item}.")
 
 
@@ -59,11 +59,13 @@ def render_reference(root: type[BaseModel]) -> str:
     top = [(name, field) for name, field in root.model_fields.items() if not _is_section(field)]
     parts = [BEGIN, "", "### Top level", "", *_table(top, prefix="")]
     for name, field in root.model_fields.items():
-        section = _nested_model(field.annotation) if _is_section(field) else None
+        mapping = get_origin(field.annotation) is dict
+        section = _nested_model(field.annotation) if _is_section(field) or mapping else None
         if section is None:
             continue
         rows = list(walk_fields(section))
-        parts += ["", f"### `{name}`", "", _escape(field.description or ""), "", *_table(rows, prefix=f"{name}.")]
+        prefix = f"{name}.<type>." if mapping else f"{name}."
+        parts += ["", f"### `{name}`", "", _escape(field.description or ""), "", *_table(rows, prefix=prefix)]
     return "\n".join([*parts, "", END])
 
 
@@ -88,9 +90,11 @@ def _is_section(field: FieldInfo) -> bool:
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    """The model a field holds directly or as list items, if any."""
+    """The model a field holds directly, as list items or as a mapping's values, if any."""
     if get_origin(annotation) is list:
         annotation = get_args(annotation)[0]
+    elif get_origin(annotation) is dict:
+        annotation = get_args(annotation)[1]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
@@ -118,6 +122,10 @@ def _type_name(annotation: Any) -> str:
         if item is not None:
             return "list of `{" + ", ".join(item.model_fields) + "}`"
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        item = _nested_model(annotation)
+        value = "`{" + ", ".join(item.model_fields) + "}`" if item is not None else _type_name(args[1])
+        return f"mapping of name to {value}"
     if annotation in _SCALARS:
         return _SCALARS[annotation]
     raise TypeError(f"no YAML name for the type {annotation!r}: add it to {Path(__file__).name}")

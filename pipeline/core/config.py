@@ -325,6 +325,45 @@ class ResourcesConfig(_Section):
         return f"{count}, {gpus}"
 
 
+class FleetTypeConfig(_Section):
+    """How the job runs on the GPUs of one accelerator type (`sdxl-batch tune` writes these)."""
+
+    batch_size: int = Field(ge=1, le=1024, description="Images per model call on this type.")
+    actors_per_gpu: int = Field(
+        default=1, ge=1, le=16, description="Generator actors sharing each GPU of this type (each loads the model)."
+    )
+    gpus: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "GPUs of this type the job uses. Default: every GPU of this type the cluster has when the job starts; "
+            "set it on an autoscaling cluster whose nodes of this type are not up yet."
+        ),
+    )
+    vae_batch_size: int | None = Field(
+        default=None, ge=1, description="VAE decode chunk on this type (default: `model.vae_batch_size`)."
+    )
+    channels_last: bool | None = Field(
+        default=None, description="UNet in channels_last on this type (default: `model.channels_last`)."
+    )
+    vae_channels_last: bool | None = Field(
+        default=None, description="VAE in channels_last on this type (default: `model.vae_channels_last`)."
+    )
+    encode_cpus_per_gpu: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "CPUs the encode stage may use per GPU of this type (caps the encode tasks; default: no cap, Ray Data "
+            "sizes the stage to the free CPUs)."
+        ),
+    )
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The `model` keys this type sets (speed switches that never change pixels)."""
+        keys = ("vae_batch_size", "channels_last", "vae_channels_last")
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+
 class StorageConfig(_Section):
     """Object-store options; unset fields fall back to the standard AWS variables and profile."""
 
@@ -370,6 +409,34 @@ class JobConfig(_Section):
         default_factory=StorageConfig,
         description="Object-store options; unset fields fall back to the standard AWS variables and profile.",
     )
+    fleet: dict[str, FleetTypeConfig] = Field(
+        default_factory=dict,
+        description=(
+            "A mixed fleet, keyed by Ray accelerator type (`A10G`, `H100`, ...; `sdxl-batch tune` writes this "
+            "section): batch size, actors per GPU, VAE chunk and layout switches per type. The job then runs one "
+            "actor pool over the GPUs of these types, each actor with its type's settings, and work flows to "
+            "whichever actor is free. What changes pixels (`model.dtype`, `attention`, `compile`, `fuse_qkv`) stays "
+            "one setting for the whole job. Empty: one setting for every GPU (`generation.batch_size`, `resources`)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _fleet_sets_the_actors(self) -> JobConfig:
+        if not self.fleet:
+            return self
+        if not all(name.strip() and name.upper() not in ("CPU", "GPU") for name in self.fleet):
+            raise ValueError("fleet keys are Ray accelerator types (A10G, H100, ...), not CPU or GPU")
+        clash = [key for key in ("actors", "gpus_per_actor") if key in self.resources.model_fields_set]
+        if clash:
+            raise ValueError(
+                f"the fleet section sets the actors per GPU type; remove resources.{' and resources.'.join(clash)}"
+            )
+        return self
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Every batch size the job's actors use: the fleet's, else `generation.batch_size`."""
+        return sorted({t.batch_size for t in self.fleet.values()}) or [self.generation.batch_size]
 
     @field_validator("manifest", "output")
     @classmethod
@@ -443,6 +510,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             lines.append(f"  {where}: required but missing")
         elif _is_secret(err["loc"]):
             lines.append(f"  {where}: {err['msg']} (the value is a secret: not shown)")
+        elif isinstance(err.get("input"), dict):  # a check across a section's keys: the section may hold secrets
+            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

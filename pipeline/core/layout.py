@@ -72,6 +72,9 @@ METADATA_FIELDS = pa.schema([
     ("negative_prompt_truncated", pa.bool_()), ("render_batch_size", pa.int32()),
     ("generation_seconds", pa.float64()), ("encode_seconds", pa.float64()), ("peak_memory_mb", pa.float64()),
     ("node", pa.string()), ("actor", pa.string()),
+    # What rendered the row: the GPU type (Ray's accelerator type; CPU), the precision, the VAE and the
+    # attention kernels, so that a dataset rendered by a mixed fleet says which rows came from where.
+    ("accelerator_type", pa.string()), ("dtype", pa.string()), ("vae", pa.string()), ("attention", pa.string()),
 ])  # fmt: skip
 
 

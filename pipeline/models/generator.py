@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.errors import ModelError
 from pipeline.core.render import RenderSettings
 from pipeline.models.loading import load_unet_file
-from pipeline.models.presets import FP16_FIX_VAE, Preset, get_preset
+from pipeline.models.presets import Preset, get_preset, vae_label, vae_source
 from pipeline.models.weights import (
     default_cache_dir,
     fp16_variant,
@@ -123,6 +123,9 @@ class ImageGenerator:
         # Pixels the VAE may decode in one call: None until an out-of-memory error while decoding lowers it.
         self.max_decode_pixels: int | None = None
         self.oom_retries = 0
+        # False: an out-of-memory error raises instead of splitting the call (`tune`'s memory probe,
+        # where a batch size that does not fit as asked is the finding).
+        self.split_on_oom = True
         self.stage_seconds: dict[str, float] = {}  # seconds per phase, summed over calls
         self.lora_layers_unmatched = 0  # layers of partly matching LoRAs left out (`allow_partial_lora`)
 
@@ -130,12 +133,43 @@ class ImageGenerator:
     def model_name(self) -> str:
         return self.preset.name
 
+    @property
+    def dtype_name(self) -> str:
+        """The precision the model runs in, as torch names it (`bfloat16`, ...); "" before `load`."""
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else ""
+
+    def vae_label(self) -> str:
+        """Which VAE decodes (`presets.vae_label`): recorded in every metadata row."""
+        return vae_label(self.model, self.preset, self.dtype_name)
+
+    def configure(self, *, batch_size: int, vae_batch_size: int | None, split_on_oom: bool = True) -> None:
+        """Change how rows are batched on the loaded model (no reload): `tune` sweeps these on one
+        model. Forgets the sizes earlier out-of-memory errors lowered, and the peak memory."""
+        self.batch_size = batch_size
+        self.model = self.model.model_copy(update={"vae_batch_size": vae_batch_size})
+        self.split_on_oom = split_on_oom
+        self.max_batch = None
+        self.max_decode_pixels = None
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def total_memory_mb(self) -> float | None:
+        """The GPU's memory (None on CPU): what `tune --max-memory-fraction` compares the peak with."""
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) / 2**20
+
     def load(self) -> None:
         from diffusers import StableDiffusionXLPipeline
 
         self.cache_dir = default_cache_dir(self.model.cache_dir)
         self.device = choose_device(self.model.device)
         self.dtype = choose_dtype(self.model.dtype, self.device)
+        self._check_precision()
         self._check_attention()
         _quiet_libraries()
         source = resolve_pipeline_source(
@@ -179,6 +213,18 @@ class ImageGenerator:
             self.pipe.vae.to(dtype=torch.float32)
             self.techniques.append("vae=float32")
 
+    def _check_precision(self) -> None:
+        """A job resolves `dtype: auto` once for all its GPU types (`core.accelerators`); a GPU
+        without bfloat16 given bfloat16 (a type named wrongly, or a config set by hand) would run
+        it emulated and slowly, or fail in the first kernel."""
+        import torch
+
+        if self.device == "cuda" and self.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ModelError(
+                f"model.dtype is bfloat16 and this actor's GPU ({torch.cuda.get_device_name()}) has no bfloat16: "
+                "set model.dtype to float16 for a fleet that includes it, or leave it out of the job's fleet"
+            )
+
     def _check_attention(self) -> None:
         """`attention: flash` with a precision the flash kernel lacks (float32 by `dtype: auto` on
         CPU; an explicit float32 is refused when the config is validated)."""
@@ -191,18 +237,8 @@ class ImageGenerator:
             )
 
     def vae_ref(self) -> str | None:
-        """The VAE to load instead of the pipeline's own, if any.
-
-        SDXL's VAE overflows to NaN (black images) in float16; the fp16-fix VAE was finetuned to
-        keep activations in range, so float16 runs use it unless told otherwise.
-        """
-        import torch
-
-        if self.model.vae:
-            return self.model.vae
-        if self.dtype == torch.float16 and self.model.fp16_fix_vae and self.preset.fp16_fix_vae:
-            return FP16_FIX_VAE
-        return None
+        """The VAE to load instead of the pipeline's own, if any (`presets.vae_source`)."""
+        return vae_source(self.model, self.preset, self.dtype_name)
 
     def _load_unet(self, source: str, ref: str) -> Any:
         """The UNet of `ref`: a diffusers folder (its fp16 variant for a 16-bit model, where it has
@@ -353,7 +389,7 @@ class ImageGenerator:
         sizes: list[int] = []
         start = 0
         while start < len(prompts):
-            size = min(self.max_batch or len(prompts), len(prompts) - start)
+            size = min(self.max_batch or self.batch_size or len(prompts), len(prompts) - start)
             end = start + size
             try:
                 self.generate(
@@ -375,6 +411,8 @@ class ImageGenerator:
             # Out of memory. Freed here, after the except block: until it ends, the traceback keeps
             # the failed call's frames, and with them its activations, alive.
             self._free_memory()
+            if not self.split_on_oom:
+                raise ModelError(self._out_of_memory(size, settings))
             self.oom_retries += 1
             self.max_batch = size // 2
             logger.warning(
@@ -386,6 +424,13 @@ class ImageGenerator:
             )
         pixels: np.ndarray = out.numpy()
         return pixels, sizes
+
+    def _out_of_memory(self, size: int, settings: RenderSettings, *, decoding: bool = False) -> str:
+        what = "decoding" if decoding else "rendering"
+        return (
+            f"out of memory {what} {size} images at {settings.width}x{settings.height} on {self.device} "
+            f"(batch size {self.batch_size}; not split: `tune` probes which batch sizes fit)"
+        )
 
     def _free_memory(self) -> None:
         import gc
@@ -524,6 +569,8 @@ class ImageGenerator:
                 start += size
                 continue
             self._free_memory()  # after the except block, as in `render`
+            if not self.split_on_oom:
+                raise ModelError(self._out_of_memory(size, settings, decoding=True))
             self.oom_retries += 1
             self.max_decode_pixels = size // 2 * settings.width * settings.height
             logger.warning(

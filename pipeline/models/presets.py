@@ -21,9 +21,12 @@ Why the settings differ (source articles in `shared/seeds/` and the model cards)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from pipeline.core.config import ModelConfig
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_TURBO = "stabilityai/sdxl-turbo"
@@ -93,6 +96,24 @@ class Preset:
             if not low <= value <= high:
                 return f"preset {self.name} renders {name}s from {low} to {high} px, not {value}"
         return None
+
+
+def vae_source(model: ModelConfig, preset: Preset, dtype: str) -> str | None:
+    """The VAE loaded instead of the pipeline's own for this precision (`dtype`: torch's name,
+    `float16`, ...), or None. SDXL's VAE overflows to NaN (black images) in float16; the fp16-fix
+    VAE was finetuned to keep activations in range, so float16 runs use it unless told otherwise.
+    A function of the config, so that the driver knows which VAE renders a job before any actor
+    loads one (the settings fingerprint, the metadata)."""
+    if model.vae:
+        return model.vae
+    if dtype == "float16" and model.fp16_fix_vae and preset.fp16_fix_vae:
+        return FP16_FIX_VAE
+    return None
+
+
+def vae_label(model: ModelConfig, preset: Preset, dtype: str) -> str:
+    """Which VAE decodes: `vae_source`, or the base pipeline's own (`<base>/vae`)."""
+    return vae_source(model, preset, dtype) or f"{model.path or preset.base}/vae"
 
 
 def _lightning_unet(steps: int) -> Preset:

@@ -50,6 +50,7 @@ class WorkerStats:
     node: str = ""
     gpu: str = ""  # `gpu<ids>` as Ray assigned them; "" on CPU
     device: str = ""
+    accelerator_type: str = ""  # Ray's name of the actor's GPU type (A10G, H100, ...); CPU
     rows: int = 0
     calls: int = 0
     busy_seconds: float = 0.0  # in model calls
@@ -74,6 +75,7 @@ class WorkerStats:
         rows: int,
         utilization: float | None,
         gpu_memory_peak_mb: float | None,
+        accelerator_type: str = "",
     ) -> WorkerStats:
         """An actor's figures for one batch of (at least one) model calls; `utilization` is the
         GPU's mean over the batch (None: not sampled)."""
@@ -83,6 +85,7 @@ class WorkerStats:
             node=node,
             gpu=gpu,
             device=device,
+            accelerator_type=accelerator_type,
             rows=rows,
             calls=len(calls),
             busy_seconds=busy,
@@ -97,6 +100,7 @@ class WorkerStats:
 
     def __iadd__(self, other: WorkerStats) -> WorkerStats:
         self.node, self.gpu, self.device = self.node or other.node, self.gpu or other.gpu, self.device or other.device
+        self.accelerator_type = self.accelerator_type or other.accelerator_type
         self.rows += other.rows
         self.calls += other.calls
         self.busy_seconds += other.busy_seconds
@@ -153,6 +157,7 @@ class WorkerStats:
             node=str(data.get("node") or ""),
             gpu=str(data.get("gpu") or ""),
             device=str(data.get("device") or ""),
+            accelerator_type=str(data.get("accelerator_type") or ""),
             rows=int(data.get("rows", 0)),
             calls=int(data.get("calls", 0)),
             busy_seconds=float(data.get("busy_seconds", 0.0)),
@@ -205,13 +210,14 @@ class PartStats:
         utilization: float | None = None,
         gpu_memory_peak_mb: float | None = None,
         lora_layers_unmatched: int = 0,
+        accelerator_type: str = "",
     ) -> PartStats:
         """A generator batch's record: its model calls, and its actor's figures for them."""
         workers = {}
         if calls:  # an actor's figures (first and last call, busy seconds) need at least one call
             workers[actor] = WorkerStats.of_calls(
                 calls, node=node, gpu=gpu, device=device, rows=rows, utilization=utilization,
-                gpu_memory_peak_mb=gpu_memory_peak_mb,
+                gpu_memory_peak_mb=gpu_memory_peak_mb, accelerator_type=accelerator_type,
             )  # fmt: skip
         return cls(
             oom_retries=oom_retries,
@@ -308,13 +314,16 @@ def merge_telemetry(records: Iterable[str | None]) -> PartStats:
 
 
 def group_workers(workers: dict[str, WorkerStats], key: str) -> dict[str, dict[str, Any]]:
-    """Workers summed by node or GPU: rows, actors, and images/s over the group's working span
-    (first call start to last call end of any of its actors)."""
+    """Workers summed by node, GPU or accelerator type: rows, actors, and images/s over the
+    group's working span (first call start to last call end of any of its actors)."""
     groups: dict[str, list[WorkerStats]] = {}
     for worker in workers.values():
         if key == "gpu" and not worker.gpu:
             continue
-        label = worker.node if key == "node" else f"{worker.node[:12]}/{worker.gpu}"
+        if key == "type":
+            label = worker.accelerator_type or "unknown"
+        else:
+            label = worker.node if key == "node" else f"{worker.node[:12]}/{worker.gpu}"
         groups.setdefault(label, []).append(worker)
     summary = {}
     for label, members in sorted(groups.items()):
@@ -421,6 +430,7 @@ class JobStats:
             actors[actor] = {
                 "node": w.node,
                 "gpu": w.gpu,
+                "accelerator_type": w.accelerator_type,
                 "rows": w.rows,
                 "model_calls": w.calls,
                 "busy_seconds": round(w.busy_seconds, 3),
@@ -469,5 +479,6 @@ class JobStats:
             "per_actor": self.per_actor(),
             "per_node": group_workers(self.workers, "node"),
             "per_gpu": group_workers(self.workers, "gpu"),
+            "per_accelerator_type": group_workers(self.workers, "type"),
             **extra,
         }

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import filesystem, join
 from pipeline.core.layout import OUTPUT_ENTRIES
-from pipeline.models.presets import get_preset
+from pipeline.models.presets import get_preset, vae_label
 from pipeline.plan.settings import SettingDefaults
 
 if TYPE_CHECKING:
@@ -45,11 +45,21 @@ def read_committed_schema(fs: AbstractFileSystem, parts: list[str]) -> pa.Schema
         return pq.read_schema(handle)
 
 
+# Settings a job knows only once its GPUs are known: `model.dtype: auto` is resolved on the driver
+# after Ray starts (`run.fleet.resolve_dtype`), and the VAE follows from the precision.
+UNRESOLVED = "auto"
+
+
 def settings_fingerprint(config: JobConfig) -> dict[str, Any]:
-    """The settings that determine every image of an output; two runs into one output must agree."""
+    """The settings that determine every image of an output; two runs into one output must agree.
+
+    Everything that changes pixels is here: the weights, the sampler and its defaults, and the
+    precision, the VAE, the attention kernels, compilation and fused projections. A mixed fleet
+    renders with one of each (the per-type `fleet` settings change only how rows are batched)."""
     preset = get_preset(config.model.preset)
     defaults = SettingDefaults.from_config(config.generation, preset)
     model = config.model
+    dtype = model.dtype
     settings = {
         "preset": preset.name,
         "model.path": model.path or preset.base,
@@ -64,21 +74,56 @@ def settings_fingerprint(config: JobConfig) -> dict[str, Any]:
         "guidance_scale": defaults.guidance_scale,
         "image_format": config.generation.image_format,
         "layout": config.write.layout,
+        "model.dtype": dtype,
+        "vae": UNRESOLVED if dtype == UNRESOLVED else vae_label(model, preset, dtype),
+        "model.attention": model.attention,
+        "model.compile": model.compile,
+        "model.fuse_qkv": model.fuse_qkv,
     }
+    return _fingerprint(settings)
+
+
+def _fingerprint(settings: dict[str, Any]) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return {"digest": digest, "settings": settings}
 
 
-def check_fingerprint(previous: dict[str, Any] | None, current: dict[str, Any], output: str) -> None:
-    """Refuse to mix settings in one output: resumed rows would not match the finished ones."""
+def check_fingerprint(
+    previous: dict[str, Any] | None, current: dict[str, Any], output: str, *, resolved: str = ""
+) -> None:
+    """Refuse to mix settings in one output: resumed rows would not match the finished ones.
+
+    Compared key by key: a key the output's record lacks (written by an earlier version) and a
+    setting not resolved (`auto`: checked again once the job's GPUs are known, or left to each
+    actor on GPU types sdxl-batch does not know) do not count. `resolved`: how this job resolved
+    `model.dtype: auto`, said when the precision is what changed."""
     if not previous or previous.get("digest") == current["digest"]:
         return
     before, after = previous.get("settings", {}), current["settings"]
-    changed = [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
+    changed = [
+        key
+        for key in after
+        if key in before and UNRESOLVED not in (after[key], before[key]) and before[key] != after[key]
+    ]
+    if not changed:
+        return
+    what = "; ".join(f"{key}: {before[key]!r} -> {after[key]!r}" for key in changed)
+    why = f" (model.dtype auto: {resolved})" if resolved and "model.dtype" in changed else ""
     raise ConfigError(
-        f"the output {output} was produced with other settings ({'; '.join(changed) or 'fingerprint differs'}). "
-        "Resume with the original settings, choose a new output, or pass --overwrite to discard it."
+        f"the output {output} was produced with other settings ({what}){why}. Every row of an output renders "
+        "with the same settings: resume with the original ones (e.g. set model.dtype explicitly), choose a new "
+        "output, or pass --overwrite to discard it."
     )
+
+
+def recorded_fingerprint(previous: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint a job records: its own, except that a setting it left unresolved (it
+    rendered nothing, so it never resolved `auto`) keeps the value the output already records."""
+    before = (previous or {}).get("settings") or {}
+    kept = {key: before[key] for key, value in current["settings"].items() if value == UNRESOLVED and key in before}
+    if not kept:
+        return current
+    return _fingerprint({**current["settings"], **kept})
 
 
 def clear_output(config: JobConfig) -> None:

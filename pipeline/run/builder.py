@@ -22,11 +22,13 @@ from pipeline.output.stats import job_label
 from pipeline.output.writer import ModelInfo, PartWriter
 from pipeline.plan.manifest import rules_for
 from pipeline.plan.settings import SettingDefaults
+from pipeline.run.fleet import FleetSlots
 from pipeline.run.nodes import watch_nodes
-from pipeline.run.stages import EncodeImages, GenerateImages, ReadManifest, WriteParts
+from pipeline.run.stages import EncodeImages, GenerateImages, ReadManifest, RemoteGenerate, WriteParts
 
 if TYPE_CHECKING:
     import ray.data
+    from ray.actor import ActorHandle
 
     from pipeline.core.config import JobConfig, ResourcesConfig
 
@@ -101,7 +103,72 @@ def generator_kwargs(config: JobConfig) -> dict[str, Any]:
         "torch_threads": resources.torch_threads,
         "on_gpu": resources.on_gpu,
         "job": job_label(config.output),
+        "fleet": dict(config.fleet) or None,
     }
+
+
+class GeneratorPool:
+    """The generate stage of a job: Ray Data's pool of `GenerateImages` actors, one setting for
+    every GPU, or one actor per GPU slot of a mixed fleet (`run.fleet`), in blocks of the largest
+    batch size (each fleet actor renders them in calls of its own type's)."""
+
+    def map_args(self, config: JobConfig) -> dict[str, Any]:
+        import ray.data
+
+        resources = config.resources
+        args: dict[str, Any] = {
+            "fn": GenerateImages,
+            "fn_constructor_kwargs": generator_kwargs(config),
+            "batch_size": max(config.batch_sizes),
+            "compute": ray.data.ActorPoolStrategy(min_size=resources.actor_range[0], max_size=resources.actor_range[1]),
+            "num_gpus": resources.gpus_per_actor or None,
+            "num_cpus": resources.cpus_per_actor,
+            "runtime_env": generator_runtime_env(config) or None,
+            **retry_bounds(resources, actor=True),
+        }
+        if config.fleet:
+            args["ray_remote_args_fn"] = FleetSlots(dict(config.fleet))
+        return args
+
+    def watch(self, dataset: ray.data.Dataset, config: JobConfig) -> None:
+        # A bounded wait when no node can run a generator actor (of the fleet's types).
+        watch_nodes(dataset, config.resources, frozenset(config.fleet))
+
+
+class ModelActors:
+    """The generate stage over model actors that outlive the dataset (`tune`: a model loaded once
+    per load setting, measured at several batch sizes): one `RemoteGenerate` per actor. `token`
+    names the dataset, so that each of its stages claims an actor of its own."""
+
+    def __init__(self, actors: list[ActorHandle[Any]], *, token: str):
+        self.actors = actors
+        self.token = token
+
+    def map_args(self, config: JobConfig) -> dict[str, Any]:
+        import ray.data
+
+        return {
+            "fn": RemoteGenerate,
+            "fn_constructor_kwargs": {"actors": self.actors, "token": self.token},
+            "batch_size": max(config.batch_sizes),
+            "compute": ray.data.ActorPoolStrategy(size=len(self.actors)),
+            "num_cpus": 0,
+            # A measurement that fails is the finding (an out-of-memory batch size): no retries.
+            "max_restarts": 0,
+            "max_task_retries": 0,
+        }
+
+    def watch(self, dataset: ray.data.Dataset, config: JobConfig) -> None:
+        pass  # the model actors are placed already
+
+
+def encode_concurrency(config: JobConfig) -> int | None:
+    """Encode tasks at once when every fleet type caps the encode CPUs per GPU
+    (`fleet.<type>.encode_cpus_per_gpu`), else None: Ray Data sizes the stage to the free CPUs."""
+    caps = [(t.gpus or 0) * t.encode_cpus_per_gpu for t in config.fleet.values() if t.encode_cpus_per_gpu]
+    if not config.fleet or len(caps) < len(config.fleet):
+        return None
+    return max(1, round(sum(caps) / ENCODE_CPUS))
 
 
 def read_stage(config: JobConfig, passthrough: pa.Schema, masks: dict[int, Any]) -> ReadManifest:
@@ -151,14 +218,18 @@ def build_dataset(
     masks: dict[int, Any],
     slice_rows: int,
     passthrough: pa.Schema | None = None,
+    generate: GeneratorPool | ModelActors | None = None,
 ) -> ray.data.Dataset:
     """The graph over read `tasks` (`RowPlan.read_tasks`: one per row group with rows to render;
     `masks`: each file's pending rows, as planned), whose rows reach the generators in blocks of
     `slice_rows`. `config` has its placement resolved (`runner.resolve_resources`);
-    `passthrough`: the manifest's other columns, as planned."""
+    `passthrough`: the manifest's other columns, as planned; `generate`: how the generate stage
+    runs (default: the job's actor pool)."""
+    generate = generate or GeneratorPool()
     with _remote_args_allowed():
-        dataset = _graph(config, tasks, masks, slice_rows, pa.schema([]) if passthrough is None else passthrough)
-    watch_nodes(dataset, config.resources)  # a bounded wait when no node can run a generator actor
+        schema = pa.schema([]) if passthrough is None else passthrough
+        dataset = _graph(config, tasks, masks, slice_rows, schema, generate)
+    generate.watch(dataset, config)
     return dataset
 
 
@@ -183,7 +254,12 @@ def _repartition(dataset: ray.data.Dataset, rows: int, *, remote_args: dict[str,
 
 
 def _graph(
-    config: JobConfig, tasks: list[dict[str, Any]], masks: dict[int, Any], slice_rows: int, passthrough: pa.Schema
+    config: JobConfig,
+    tasks: list[dict[str, Any]],
+    masks: dict[int, Any],
+    slice_rows: int,
+    passthrough: pa.Schema,
+    generate: GeneratorPool | ModelActors,
 ) -> ray.data.Dataset:
     import ray.data
 
@@ -196,22 +272,13 @@ def _graph(
     # A read task yields a whole row group's pending rows; the generators take them in slices
     # (runner.read_slice_rows: a crash loses at most a slice, and parts commit early).
     dataset = _repartition(dataset, slice_rows, remote_args={"num_cpus": READ_CPUS, **tasks_retry})
-    dataset = dataset.map_batches(
-        GenerateImages,
-        fn_constructor_kwargs=generator_kwargs(config),
-        batch_size=config.generation.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=resources.actor_range[0], max_size=resources.actor_range[1]),
-        num_gpus=resources.gpus_per_actor or None,
-        num_cpus=resources.cpus_per_actor,
-        runtime_env=generator_runtime_env(config) or None,
-        **retry_bounds(resources, actor=True),
-    )
+    dataset = dataset.map_batches(batch_format="pyarrow", **generate.map_args(config))
     dataset = dataset.map_batches(
         encode_stage(config),
         batch_size=config.generation.batch_size,
         batch_format="pyarrow",
         num_cpus=ENCODE_CPUS,
+        concurrency=encode_concurrency(config),
         **tasks_retry,
     )
     return dataset.map_batches(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import PlacementError
+from pipeline.run.fleet import node_type
 
 if TYPE_CHECKING:
     import ray.data
@@ -26,9 +27,12 @@ if TYPE_CHECKING:
 POLL_SECONDS = 2.0  # one GCS call per poll, from Ray Data's scheduling loop
 
 
-def fits(node: dict[str, Any], *, gpus: float, cpus: float) -> bool:
-    """Whether `node` (an entry of `ray.nodes()`) is alive and large enough for one actor."""
+def fits(node: dict[str, Any], *, gpus: float, cpus: float, types: frozenset[str] = frozenset()) -> bool:
+    """Whether `node` (an entry of `ray.nodes()`) is alive and large enough for one actor, and,
+    for a fleet job (`types`: its GPU types), of one of its types."""
     total = node.get("Resources") or {}
+    if types and node_type(node) not in types:
+        return False
     return bool(node.get("Alive")) and total.get("GPU", 0.0) + 1e-9 >= gpus and total.get("CPU", 0.0) + 1e-9 >= cpus
 
 
@@ -47,9 +51,11 @@ def placement_error(gone: list[str], *, gpus: float, cpus: float, waited: float)
     )
 
 
-def node_watch(resources: ResourcesConfig, *, clock: Callable[[], float] = time.monotonic) -> type:
-    """A Ray Data execution callback class for these (resolved) resources: Ray Data makes one,
-    without arguments, for each execution of the dataset."""
+def node_watch(
+    resources: ResourcesConfig, *, types: frozenset[str] = frozenset(), clock: Callable[[], float] = time.monotonic
+) -> type:
+    """A Ray Data execution callback class for these (resolved) resources (and a fleet's GPU
+    `types`): Ray Data makes one, without arguments, for each execution of the dataset."""
     import ray
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 
@@ -66,7 +72,7 @@ def node_watch(resources: ResourcesConfig, *, clock: Callable[[], float] = time.
             if now < self.next_poll:
                 return
             self.next_poll = now + POLL_SECONDS
-            fitting = {node["NodeID"] for node in ray.nodes() if fits(node, gpus=gpus, cpus=cpus)}
+            fitting = {node["NodeID"] for node in ray.nodes() if fits(node, gpus=gpus, cpus=cpus, types=types)}
             self.fitted |= fitting
             if fitting:
                 self.since = None
@@ -79,7 +85,8 @@ def node_watch(resources: ResourcesConfig, *, clock: Callable[[], float] = time.
     return NodeWatch
 
 
-def watch_nodes(dataset: ray.data.Dataset, resources: ResourcesConfig) -> None:
+def watch_nodes(dataset: ray.data.Dataset, resources: ResourcesConfig, types: frozenset[str] = frozenset()) -> None:
     """Run `NodeWatch` while `dataset` executes (its own DataContext: no other dataset sees it)."""
     context = dataset.context
-    context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, node_watch(resources)]
+    watch = node_watch(resources, types=types)
+    context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, watch]

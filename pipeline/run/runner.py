@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,16 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.core.errors import ConfigError, SdxlBatchError, StorageError, error_from_text, exception_chain
 from pipeline.core.io import filesystem, join
-from pipeline.core.layout import IMAGES_DIR, JOB_RECORD, METADATA_DIR, REJECTS_DIR, SHARDS_DIR, STATS_FILE, write_json
+from pipeline.core.layout import (
+    IMAGES_DIR,
+    JOB_RECORD,
+    METADATA_DIR,
+    REJECTS_DIR,
+    SHARDS_DIR,
+    STATS_FILE,
+    read_json,
+    write_json,
+)
 from pipeline.output.publish import publish
 from pipeline.output.stats import JobStats, PartStats
 from pipeline.plan.executor import LocalExecutor, PlanExecutor, RayExecutor
@@ -27,11 +37,12 @@ from pipeline.plan.job import (
     raise_for_bad_rows,
     write_rejects,
 )
-from pipeline.plan.ledger import clear_output
+from pipeline.plan.ledger import check_fingerprint, clear_output, recorded_fingerprint, settings_fingerprint
 from pipeline.plan.manifest import list_manifest_files
 from pipeline.plan.rows import RowPlan
-from pipeline.run.builder import LIGHT_STAGE_CPUS, build_dataset, model_info
+from pipeline.run.builder import LIGHT_STAGE_CPUS, GeneratorPool, ModelActors, build_dataset, model_info
 from pipeline.run.crashes import watch_failed_stage, worker_death
+from pipeline.run.fleet import cluster_gpu_types, resolve_fleet, resolve_precision
 from pipeline.run.session import init_ray
 
 if TYPE_CHECKING:
@@ -132,7 +143,7 @@ def read_slice_rows(remaining: int, config: JobConfig) -> int:
     actor, and at least 64 (cheap scheduling) unless a small job needs smaller slices to give
     every actor two. A multiple of the batch size (no padded model call), and of
     `write.rows_per_part` where that fits (a part's rows then come from one slice)."""
-    batch = config.generation.batch_size
+    batch = max(config.batch_sizes)
     actors = config.resources.max_actors
     target = -(-remaining // (actors * 8))
     floor = min(64, -(-remaining // (2 * actors)) if actors > 1 else remaining)
@@ -157,6 +168,18 @@ def planning_executor(config: JobConfig, ray_address: str | None, *, metrics_por
     return RayExecutor()
 
 
+def resolve_job(config: JobConfig, *, embedded: bool) -> tuple[JobConfig, str]:
+    """What a job needs to know of the cluster Ray is connected to: its fleet's GPUs (`run.fleet`),
+    its placement (`resolve_resources`) and the one precision of every actor (`model.dtype: auto`
+    resolved for the job's GPU types). Returns the config and how `auto` was resolved ("": set)."""
+    on_gpu_cluster = config.fleet or config.resources.gpus_per_actor != 0.0
+    types = cluster_gpu_types() if on_gpu_cluster else {}
+    if config.fleet:
+        config = resolve_fleet(config, types)
+    config = resolve_resources(config, embedded=embedded)
+    return resolve_precision(config, types)
+
+
 def run_job(
     config: JobConfig,
     *,
@@ -164,6 +187,8 @@ def run_job(
     progress: bool = True,
     overwrite: bool = False,
     metrics_port: int | None = None,
+    generate: ModelActors | None = None,
+    on_part: Callable[[PartStats], None] | None = None,
 ) -> JobResult:
     """Render every unfinished row of the manifest into the output; returns where the results are.
 
@@ -171,6 +196,9 @@ def run_job(
     already list are skipped before they reach a GPU (resume and incremental runs); bad rows
     stop the job or, with `on_bad_row: skip`, go to rejects/; `overwrite` discards the output's
     previous results first.
+
+    `generate`: model actors already loaded (`tune`), in place of the job's own pool; `config`
+    then has its placement resolved. `on_part`: called with each part's stats record as it commits.
     """
     start = time.perf_counter()
     started_at = _now()
@@ -180,6 +208,7 @@ def run_job(
     raise_for_bad_rows(job)
     plan = job.manifest
     fs, root = filesystem(config.output, config.storage)
+    previous = None if overwrite else read_json(fs, join(root, JOB_RECORD))
     if overwrite:
         clear_output(config)
     rejects = write_rejects(job)
@@ -190,20 +219,29 @@ def run_job(
             join(job.output, REJECTS_DIR),
         )
     remaining = job.pending_rows
+    fingerprint = job.fingerprint
+    if remaining:
+        init_ray(ray_address, metrics_port=metrics_port)
+        resolved, why = (config, "") if generate else resolve_job(config, embedded=ray_address is None)
+        fingerprint = settings_fingerprint(resolved)
+        if previous and job.done_rows:  # the precision and VAE, now that the job's GPUs are known
+            check_fingerprint(previous.get("fingerprint"), fingerprint, job.output, resolved=why)
+        config = resolved
     write_json(fs, join(root, JOB_RECORD), {
         "version": __version__,
         "started_at": started_at,
-        "fingerprint": job.fingerprint,
+        "fingerprint": recorded_fingerprint(previous.get("fingerprint") if previous else None, fingerprint),
         "manifest_files": plan.files,
         "manifest_rows": plan.total_rows,
-        "config": config.model_dump(mode="json"),  # SecretStr fields dump as '**********'
+        "config": job.config.model_dump(mode="json"),  # SecretStr fields dump as '**********'
     })  # fmt: skip
     stats = JobStats()
     if remaining:
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
-        init_ray(ray_address, metrics_port=metrics_port)
-        config = resolve_resources(config, embedded=ray_address is None)
-        _execute(config, job.manifest, remaining, stats, progress=progress, passthrough=job.passthrough)
+        _execute(
+            config, job.manifest, remaining, stats, progress=progress, passthrough=job.passthrough,
+            generate=generate or GeneratorPool(), on_part=on_part,
+        )  # fmt: skip
     _publish(config, job.output)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
@@ -256,6 +294,8 @@ def _job_settings(job: JobPlan, config: JobConfig, *, rejects: int) -> dict[str,
         "batch_size": config.generation.batch_size,
         "actors": config.resources.actors,
         "gpus_per_actor": config.resources.gpus_per_actor,
+        "dtype": config.model.dtype,  # resolved for the job's GPUs when it rendered (`auto` when it did not)
+        "fleet": {name: t.model_dump(exclude_none=True) for name, t in config.fleet.items()} or None,
     }
 
 
@@ -286,6 +326,8 @@ def _execute(
     *,
     progress: bool,
     passthrough: pa.Schema,
+    generate: GeneratorPool | ModelActors,
+    on_part: Callable[[PartStats], None] | None,
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
     dataset = build_dataset(
@@ -294,13 +336,17 @@ def _execute(
         masks=rows.masks,
         slice_rows=read_slice_rows(remaining, config),
         passthrough=passthrough,
+        generate=generate,
     )
     with _progress_bar(remaining, enabled=progress) as bar, watch_failed_stage() as failed:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 assert isinstance(batch, pa.Table)
                 for row in batch.to_pylist():
-                    stats.add_part(PartStats.from_json(row["record"]))
+                    record = PartStats.from_json(row["record"])
+                    if on_part is not None:
+                        on_part(record)
+                    stats.add_part(record)
                     bar.update(int(row["rows"]))
         except Exception as error:
             cause = user_error(error) or worker_death(error, max_retries=config.resources.max_retries, failed=failed)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.core.errors import SdxlBatchError
+from pipeline.core.accelerators import type_of_resources
+from pipeline.core.errors import ModelError, SdxlBatchError
 from pipeline.output.stats import Call, PartStats
 from pipeline.output.writer import TELEMETRY, PartWriter
 from pipeline.plan.manifest import COLUMNS, Fragment, RowRules
@@ -28,8 +29,9 @@ from pipeline.run.telemetry import JobMetrics, UtilizationSampler, nvml_reader
 
 if TYPE_CHECKING:
     import torch
+    from ray.actor import ActorHandle
 
-    from pipeline.core.config import ModelConfig, StorageConfig
+    from pipeline.core.config import FleetTypeConfig, ModelConfig, StorageConfig
     from pipeline.core.render import RenderSettings
     from pipeline.models.generator import ImageGenerator
 
@@ -85,7 +87,11 @@ class ReadManifest:
 
 
 class GenerateImages:
-    """The GPU stage: an actor that loads the pipeline once and renders batches of rows."""
+    """The GPU stage: an actor that loads the pipeline once and renders batches of rows.
+
+    In a job, Ray Data's actor pool runs it; `tune` runs it as a plain Ray actor that outlives the
+    datasets of its measurements (`RemoteGenerate`), changing only how rows are batched between
+    them (`configure`), so that a model is loaded once per setting that changes what is loaded."""
 
     needs = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
 
@@ -98,9 +104,27 @@ class GenerateImages:
         torch_threads: int | None,
         on_gpu: bool,
         job: str,
+        fleet: dict[str, FleetTypeConfig] | None = None,
     ):
         """Ray constructs the actor from these (`fn_constructor_kwargs`). `job`: the Ray metrics'
-        job tag (`stats.job_label`)."""
+        job tag (`stats.job_label`). `fleet`: a mixed fleet's settings per GPU type; the actor
+        takes those of the type it was placed on (`run.fleet`: one pool, each actor asking for
+        its type's resource), so Ray Data's blocks of the largest batch size are rendered in
+        calls of this type's own."""
+        self.node, self.actor, self.gpu, self.accelerator_type = _placement(on_gpu=on_gpu)
+        self.claimed_by: str | None = None
+        self.load_seconds = 0.0
+        problem = None
+        if fleet:
+            settings = fleet.get(self.accelerator_type)
+            if settings is None:
+                problem = ModelError(
+                    f"a generator actor was placed on a {self.accelerator_type} GPU, which the job's fleet section "
+                    f"does not list ({', '.join(sorted(fleet))})"
+                )
+            else:
+                model = model.model_copy(update=settings.model_overrides())
+                batch_size = settings.batch_size
         # Every torch call of this actor runs on this one thread. Ray runs the constructor on the
         # process's main thread and batches on an executor thread; OpenMP keeps a thread team per
         # calling thread, and with two teams on a node's cores its workers stop spinning and sleep
@@ -109,8 +133,8 @@ class GenerateImages:
         load = self._torch.submit(
             self._load, model, storage, batch_size=batch_size, torch_threads=torch_threads, on_gpu=on_gpu
         )
-        self.load_error = load.result()
-        self.node, self.actor, self.gpu = _placement()
+        loaded = load.result()
+        self.load_error = problem or loaded
         self.metrics = JobMetrics(job=job, model=self.generator.model_name)
         read = nvml_reader() if self.load_error is None and self.generator.device == "cuda" else None
         self.sampler = UtilizationSampler(read) if read else None
@@ -122,8 +146,10 @@ class GenerateImages:
 
         _set_torch_threads(torch_threads, on_gpu=on_gpu)
         self.generator = ImageGenerator(model, storage, batch_size=batch_size)
+        start = time.perf_counter()
         try:
             self.generator.load()
+            self.load_seconds = time.perf_counter() - start
         except SdxlBatchError as error:
             # Raised from the first batch instead: Ray reports a failed actor constructor with a
             # traceback and retries it, while a task's error reaches the driver as itself.
@@ -135,6 +161,43 @@ class GenerateImages:
             raise self.load_error
         require_columns("generate", batch, self.needs)
         return self._torch.submit(self._generate, batch).result()
+
+    # --- as a long-lived actor (`tune`) ---------------------------------------------------------
+
+    def render_batch(self, batch: pa.Table) -> pa.Table:
+        """`__call__`, as a Ray actor method (`RemoteGenerate` calls it)."""
+        return self(batch)
+
+    def claim(self, token: str) -> bool:
+        """Whether a dataset's stage (`RemoteGenerate`, one per actor) may take this actor for the
+        dataset `token`: the first to ask does."""
+        if self.claimed_by == token:
+            return False
+        self.claimed_by = token
+        return True
+
+    def configure(self, *, batch_size: int, vae_batch_size: int | None, split_on_oom: bool) -> None:
+        """How rows are batched from now on (`ImageGenerator.configure`), on the torch thread."""
+        self._torch.submit(
+            self.generator.configure, batch_size=batch_size, vae_batch_size=vae_batch_size, split_on_oom=split_on_oom
+        ).result()
+
+    def describe(self) -> dict[str, Any]:
+        """Where the actor runs and what it loaded (`tune` records it per load)."""
+        generator = self.generator
+        return {
+            "node_id": self.node,
+            "actor": self.actor,
+            "gpu": self.gpu,
+            "accelerator_type": self.accelerator_type,
+            "device": generator.device,
+            "dtype": generator.dtype_name,
+            "vae": generator.vae_label() if generator.dtype is not None else "",
+            "techniques": list(generator.techniques),
+            "load_seconds": self.load_seconds,
+            "total_memory_mb": generator.total_memory_mb() if self.load_error is None else None,
+            "error": str(self.load_error) if self.load_error is not None else None,
+        }
 
     def _generate(self, batch: pa.Table) -> pa.Table:
         batch, groups = contiguous_groups(batch)
@@ -168,6 +231,10 @@ class GenerateImages:
             "peak_memory_mb": pa.array([self.generator.peak_memory_mb()] * n, pa.float64()),
             "node": pa.array([self.node] * n, pa.string()),
             "actor": pa.array([self.actor] * n, pa.string()),
+            "accelerator_type": pa.array([self.accelerator_type] * n, pa.string()),
+            "dtype": pa.array([self.generator.dtype_name] * n, pa.string()),
+            "vae": pa.array([self.generator.vae_label()] * n, pa.string()),
+            "attention": pa.array([self.generator.model.attention] * n, pa.string()),
             TELEMETRY: pa.array(
                 [self._telemetry(n, started, retries_before, phases_before, calls).to_json()] + [None] * (n - 1),
                 pa.string(),
@@ -205,6 +272,7 @@ class GenerateImages:
             utilization=utilization,
             gpu_memory_peak_mb=memory_mb if on_gpu else None,
             lora_layers_unmatched=generator.lora_layers_unmatched,
+            accelerator_type=self.accelerator_type,
         )
 
 
@@ -220,15 +288,55 @@ def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
         torch.set_num_threads(threads)
 
 
-def _placement() -> tuple[str, str, str]:
-    """This actor's node id, actor id and GPU label (`gpu<ids>` as Ray assigned them; "" on CPU)."""
+def _placement(*, on_gpu: bool) -> tuple[str, str, str, str]:
+    """This actor's node id, actor id, GPU label (`gpu<ids>` as Ray assigned them; "" on CPU)
+    and GPU type (`accelerator_type`)."""
     import ray
 
     context = ray.get_runtime_context()
     actor = context.get_actor_id() or context.get_worker_id()
     gpu_ids = ray.get_gpu_ids()
     gpu = "gpu" + ",".join(str(i) for i in gpu_ids) if gpu_ids else ""
-    return context.get_node_id(), actor, gpu
+    return context.get_node_id(), actor, gpu, accelerator_type(on_gpu=on_gpu)
+
+
+def accelerator_type(*, on_gpu: bool) -> str:
+    """Ray's name of this worker's GPU type (`A10G`, `H100`, ...): the `accelerator_type:<T>`
+    resource it was given (a fleet job asks for its type) or its node has; `GPU` for a GPU node
+    without one, `CPU` for an actor without a GPU."""
+    import ray
+
+    context = ray.get_runtime_context()
+    found = type_of_resources(context.get_assigned_resources())
+    if found is None and on_gpu:
+        node = next((n for n in ray.nodes() if n.get("NodeID") == context.get_node_id()), None)
+        found = type_of_resources((node or {}).get("Resources") or {})
+    return found or ("GPU" if on_gpu else "CPU")
+
+
+class RemoteGenerate:
+    """The generate stage of a dataset whose model actors outlive it (`tune`'s measurements): Ray
+    Data's actor pool holds one of these per model actor, each passing its batches to the actor it
+    claimed (`GenerateImages.claim`). The pixels cross the object store once more than in a job
+    (a copy of some 25 MB per batch of 8 at 1024², milliseconds against seconds of GPU time)."""
+
+    needs = GenerateImages.needs
+
+    def __init__(self, *, actors: list[ActorHandle[Any]], token: str):
+        import ray
+
+        self.actor: ActorHandle[Any]
+        for actor in actors:
+            if ray.get(actor.claim.remote(token)):
+                self.actor = actor
+                return
+        raise RuntimeError(f"no model actor left to claim for {token} ({len(actors)} actors)")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        result: pa.Table = ray.get(self.actor.render_batch.remote(batch))
+        return result
 
 
 def contiguous_groups(batch: pa.Table) -> tuple[pa.Table, list[tuple[RenderSettings, tuple[int, int]]]]:

@@ -273,7 +273,7 @@ def _check_pod(where: str, template: dict[str, Any]) -> None:
 
 def _check_ray_cluster(where: str, spec: dict[str, Any], configs: dict[str, JobConfig]) -> None:
     """A RayCluster spec: version, auth, autoscaling, head and GPU workers fit for `configs`."""
-    assert spec["rayVersion"] == _pinned("ray[data,default]"), f"{where}: rayVersion is not the image's Ray"
+    assert spec["rayVersion"] == _pinned("ray[data,default,tune]"), f"{where}: rayVersion is not the image's Ray"
     assert spec["authOptions"]["mode"] == "token", f"{where}: token authentication"
     assert spec["enableInTreeAutoscaling"] is True, where
     head = spec["headGroupSpec"]

@@ -42,7 +42,7 @@ def test_load_and_every_batch_run_on_the_same_thread(
     monkeypatch.setattr(ImageGenerator, "load", record("load", original_load))
     monkeypatch.setattr(ImageGenerator, "render", record("render", original_render))
     monkeypatch.setattr(ImageGenerator, "token_counts", record("tokens", original_tokens))
-    monkeypatch.setattr(stages, "_placement", lambda: ("node", "actor", ""))
+    monkeypatch.setattr(stages, "_placement", lambda **_: ("node", "actor", "", "CPU"))
     config = JobConfig.model_validate({
         "manifest": str(tmp_path / "m.parquet"),
         "output": str(tmp_path / "out"),
@@ -72,7 +72,7 @@ def test_load_and_every_batch_run_on_the_same_thread(
 
 
 def test_a_load_error_reaches_the_first_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stages, "_placement", lambda: ("node", "actor", ""))
+    monkeypatch.setattr(stages, "_placement", lambda **_: ("node", "actor", "", "CPU"))
     config = JobConfig.model_validate({
         "manifest": str(tmp_path / "m.parquet"),
         "output": str(tmp_path / "out"),
@@ -88,7 +88,7 @@ def test_mixed_settings_share_one_pixel_buffer(
 ) -> None:
     """Rows of different sizes in one batch: grouped next to each other, rendered into one host
     buffer that Arrow takes without a copy, each row's pixels those of its own render."""
-    monkeypatch.setattr(stages, "_placement", lambda: ("node", "actor", ""))
+    monkeypatch.setattr(stages, "_placement", lambda **_: ("node", "actor", "", "CPU"))
     config = JobConfig.model_validate({
         "manifest": str(tmp_path / "m.parquet"),
         "output": str(tmp_path / "out"),
