@@ -42,7 +42,8 @@ def walk_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
         yield key, field
         nested = _nested_model(field.annotation)
         if nested is not None:
-            item = {list: "[]", dict: ".<type>"}.get(get_origin(field.annotation), "")  # type: ignore[call-overload]
+            origin = get_origin(field.annotation)
+            item = "[]" if origin is list else ".<type>" if origin is dict else ""
             yield from walk_fields(nested, f"{key}{item}.")
 
 

@@ -204,10 +204,13 @@ def write_stage(config: JobConfig, passthrough: pa.Schema) -> WriteParts:
 @contextmanager
 def _remote_args_allowed() -> Iterator[None]:
     """Ray 2.60's map_batches takes the retry bounds only as extra Ray remote args, which it
-    deprecates (for named parameters it does not have yet) with a warning on the user's console.
-    Ray is pinned; tests/integration/test_crashes.py fails if an upgrade drops the bounds."""
+    deprecates (for named parameters it does not have yet) with a warning on the user's console;
+    likewise `ray_remote_args_fn`, which gives each actor of a fleet its type's resources (to be
+    removed in Ray 2.64, with no replacement yet). Ray is pinned; tests/integration/test_crashes.py
+    fails if an upgrade drops the bounds, tests/integration/test_fleet.py if it drops the fleet's."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated", category=DeprecationWarning)
         yield
 
 

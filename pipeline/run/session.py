@@ -34,7 +34,7 @@ def init_ray(address: str | None, *, metrics_port: int | None = None) -> None:
         log_to_driver=True,
         runtime_env=_quiet_runtime_env(),
     )
-    _quiet_ray_data_console()
+    quiet_ray_data_console()
 
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -48,7 +48,7 @@ def _quiet_runtime_env() -> dict[str, Any] | None:
     return {"env_vars": missing} if missing else None
 
 
-def _quiet_ray_data_console() -> None:
+def quiet_ray_data_console() -> None:
     """Ray Data prints its plan and errors on the console; our progress line and error messages
     say enough. Its full log still goes to the session's ray-data.log file."""
     import ray.data

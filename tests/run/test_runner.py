@@ -33,7 +33,7 @@ def test_embedded_ray_never_attaches_to_a_stale_cluster(address: str | None, mon
     calls: list[dict[str, object]] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(session, "_quiet_ray_data_console", lambda: None)
+    monkeypatch.setattr(session, "quiet_ray_data_console", lambda: None)
     session.init_ray(address)
     assert calls[0]["address"] == (address or "local")
 

@@ -9,6 +9,9 @@ module when it is imported. Nothing in `pipeline/` knows.
 - SDXL_BATCH_TEST_SLOW_GENERATE=SECONDS: each `ImageGenerator.generate` call first sleeps SECONDS,
   as on a slow GPU, so that a test can act while batches are rendering (the tiny model renders a
   batch in a fraction of a second).
+- SDXL_BATCH_TEST_CORRUPT=KEY=VALUE: `ImageGenerator.generate` inverts the pixels it renders when
+  the generator's `model.KEY` is VALUE (e.g. `attention=eager`): a setting that silently breaks the
+  images, as a broken kernel would, for `tune`'s quality gate to catch.
 - SDXL_BATCH_TEST_CRASH=load|generate|encode: the process kills itself with SIGSEGV in
   `ImageGenerator.load` (a corrupt weight file that segfaults), in `ImageGenerator.generate` (a
   bad driver crashing in the first kernel) or in `encode_batch` (a CPU task's worker dying), as
@@ -44,6 +47,7 @@ CRASH = os.environ.get("SDXL_BATCH_TEST_CRASH")
 CRASH_ONCE = os.environ.get("SDXL_BATCH_TEST_CRASH_ONCE")
 CRASH_LOG = os.environ.get("SDXL_BATCH_TEST_CRASH_LOG")
 SLOW = os.environ.get("SDXL_BATCH_TEST_SLOW_GENERATE")
+CORRUPT = os.environ.get("SDXL_BATCH_TEST_CORRUPT")
 
 
 def _crash(where: str) -> None:
@@ -75,6 +79,8 @@ def _patch_generator(module: ModuleType) -> None:
         setattr(cls, CRASH, _crashing(f"ImageGenerator.{CRASH}", getattr(cls, CRASH)))
     if SLOW:
         _slow_down(module.ImageGenerator, float(SLOW))
+    if CORRUPT:
+        _corrupt(module.ImageGenerator, *CORRUPT.split("=", 1))
     if LIMIT is None:
         return
     limit = int(LIMIT)
@@ -96,6 +102,18 @@ def _slow_down(cls: Any, seconds: float) -> None:
     def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
         return original(self, *args, **kwargs)
+
+    cls.generate = generate
+
+
+def _corrupt(cls: Any, key: str, value: str) -> None:
+    original = cls.generate
+
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        pixels = original(self, *args, **kwargs)
+        if str(getattr(self.model, key)).lower() == value.lower():
+            pixels[...] = 255 - pixels  # in place: the array shares the call's output buffer
+        return pixels
 
     cls.generate = generate
 
@@ -144,7 +162,7 @@ def _patch_writer(module: ModuleType) -> None:
 PATCHES: dict[str, Callable[[ModuleType], None]] = {}
 if KILL_AT_COMMIT is not None:
     PATCHES["pipeline.output.writer"] = _patch_writer
-if LIMIT is not None or CRASH in ("load", "generate") or SLOW:
+if LIMIT is not None or CRASH in ("load", "generate") or SLOW or CORRUPT:
     PATCHES["pipeline.models.generator"] = _patch_generator
 if CRASH == "encode":
     PATCHES["pipeline.run.encoding"] = _patch_encoding
