@@ -335,7 +335,12 @@ class RemoteGenerate:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
-        result: pa.Table = ray.get(self.actor.render_batch.remote(batch))
+        try:
+            result: pa.Table = ray.get(self.actor.render_batch.remote(batch))
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, SdxlBatchError):  # ours, as the actor raised it (not Ray's wrapping)
+                raise error.cause from None
+            raise
         return result
 
 

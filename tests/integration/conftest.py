@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -66,13 +67,21 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_worker(
-    cluster: RayCluster, name: str, *, env: dict[str, str] | None = None, metrics_port: int | None = None
+    cluster: RayCluster,
+    name: str,
+    *,
+    env: dict[str, str] | None = None,
+    metrics_port: int | None = None,
+    cpus: int = 1,
+    accelerator_type: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a worker node with one logical GPU in `cluster` (`env`: extra variables for its
-    processes). The node is its own process group, the raylet and every worker process it starts:
-    killing the group is losing the node."""
-    args = [f"--address={cluster.address}", "--num-cpus=1", "--num-gpus=1"]
+    processes; `accelerator_type`: the GPU type the node says it has, as Ray names a real GPU's).
+    The node is its own process group, the raylet and every worker process it starts: killing the
+    group is losing the node."""
+    args = [f"--address={cluster.address}", f"--num-cpus={cpus}", "--num-gpus=1"]
     args += [f"--metrics-export-port={metrics_port}"] if metrics_port else []
+    args += [f"--resources={json.dumps({f'accelerator_type:{accelerator_type}': 1})}"] if accelerator_type else []
     process = _start_node(
         args, cluster.folder / f"{name}.log", {**cluster.node_env, **(env or {})}, "Ray runtime started"
     )
@@ -87,9 +96,12 @@ def loopback_cluster(
     dashboard: bool = True,
     head_env: dict[str, str] | None = None,
     worker_env: dict[str, str] | None = None,
+    worker_cpus: int = 1,
+    worker_types: tuple[str | None, str | None] = (None, None),
 ) -> Iterator[RayCluster]:
     """Head (no GPUs) + 2 GPU workers (`--num-gpus 1` each: logical GPUs, the actors run on CPU),
-    stopped on exit. `head_env`, `worker_env`: extra variables for those nodes' processes."""
+    stopped on exit. `head_env`, `worker_env`: extra variables for those nodes' processes;
+    `worker_cpus`, `worker_types`: each worker's CPUs and GPU type."""
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -121,8 +133,11 @@ def loopback_cluster(
              f"--metrics-export-port={metrics[0]}", f"--temp-dir={ray_tmp}"],
             folder / "head.log", {**env, **(head_env or {})}, "Ray runtime started",
         ))  # fmt: skip
-        for n in (1, 2):
-            start_worker(cluster, f"worker-{n}", env=worker_env, metrics_port=metrics[n])
+        for n, kind in zip((1, 2), worker_types, strict=True):
+            start_worker(
+                cluster, f"worker-{n}", env=worker_env, metrics_port=metrics[n], cpus=worker_cpus,
+                accelerator_type=kind,
+            )  # fmt: skip
         yield cluster
     finally:
         for process in reversed(cluster.processes):
@@ -130,8 +145,28 @@ def loopback_cluster(
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+INJECT = Path(__file__).with_name("inject")
+GPU_TYPES = ("GPU_A", "GPU_B")  # the shared cluster's two GPU types (names Ray's table does not know)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """The loopback cluster, shared by a module's tests (so none of them may stop a node)."""
-    with loopback_cluster(tmp_path_factory.mktemp("ray-cluster")) as cluster:
+    """The loopback cluster every cluster test shares (so none of them may stop a node): two
+    worker nodes of 2 CPUs with a GPU of a type of their own each. Their processes can take the
+    test faults (`inject/`), which a test turns on for its own job only (`inject_env`)."""
+    with loopback_cluster(
+        tmp_path_factory.mktemp("ray-cluster"), worker_cpus=2, worker_types=GPU_TYPES,
+        worker_env={"PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")]))},
+    ) as cluster:  # fmt: skip
         yield cluster
+
+
+def inject_env(**faults: str) -> dict[str, str]:
+    """A CLI's environment that turns on `inject/` faults (SDXL_BATCH_TEST_<NAME>=value) in every
+    process of its Ray job on the shared cluster: Ray's runtime-env hook (`inject/forward_env.py`)
+    adds them to the job's runtime env, so other jobs on the cluster run without them."""
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
+        "RAY_RUNTIME_ENV_HOOK": "forward_env.hook",
+        **{f"SDXL_BATCH_TEST_{name.upper()}": value for name, value in faults.items()},
+    }

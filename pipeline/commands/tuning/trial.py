@@ -292,8 +292,12 @@ def _measure(
             on_part=records.append,
         )  # fmt: skip
     except SdxlBatchError as error:
-        message = str(error).splitlines()[0][:300]
-        point.status = f"{INFEASIBLE}: out of memory" if "out of memory" in message.lower() else f"{FAILED}: {message}"
+        message = str(error)
+        point.status = (
+            f"{INFEASIBLE}: out of memory"
+            if "out of memory" in message.lower()
+            else f"{FAILED}: {message.splitlines()[0][:300]}"
+        )
         point.ended_at = time.time()
         return point
     stats = result.job_stats
