@@ -119,13 +119,12 @@ def test_tune_both_types_at_once_then_run_the_fleet(tmp_path: Path, job: Path, r
     assert run.returncode == 0, run.stderr[-3000:]
     table = read_metadata(str(tmp_path / "fleet-out"))
     by_type: dict[str, set[int]] = {}
-    for kind, size in zip(table.column("accelerator_type").to_pylist(), table.column("render_batch_size").to_pylist()):
-        by_type.setdefault(kind, set()).add(size)
+    for row in table.select(["accelerator_type", "render_batch_size"]).to_pylist():
+        by_type.setdefault(row["accelerator_type"], set()).add(row["render_batch_size"])
     assert set(by_type) == set(GPU_TYPES) and by_type["GPU_A"] == {1} and max(by_type["GPU_B"]) == 3, by_type
     assert set(table.column("dtype").to_pylist()) == {"float32"}
-    assert set(table.column("vae").to_pylist()) == {"tiny/vae"} and set(table.column("attention").to_pylist()) == {
-        "sdpa"
-    }
+    assert set(table.column("vae").to_pylist()) == {"tiny/vae"}
+    assert set(table.column("attention").to_pylist()) == {"sdpa"}
     stats = json.loads((tmp_path / "fleet-out" / "stats.json").read_text())
     assert set(stats["per_accelerator_type"]) == set(GPU_TYPES) and stats["fleet"]["GPU_B"]["batch_size"] == 3
     verify = run_cli("verify", str(tmp_path / "fleet-out"), "--manifest", str(tmp_path / "m.parquet"))
