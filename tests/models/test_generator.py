@@ -203,3 +203,26 @@ def test_compile_wraps_the_unet_lazily(model_cache: Path) -> None:
     generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), compile=True))
     generator.load()
     assert isinstance(generator.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_configure_rebatches_a_loaded_model_and_strict_calls_raise_instead_of_splitting(
+    tiny_generator: ImageGenerator,
+) -> None:
+    # `tune` sweeps batch sizes on one loaded model: calls are cut at the configured size, and an
+    # out-of-memory error is the finding (not split), with the memory it held freed.
+    prompts, seeds = [*PROMPTS, "a fifth prompt"], [*SEEDS, 11]
+    real_pipe, before = tiny_generator.pipe, (tiny_generator.batch_size, tiny_generator.model)
+    tiny_generator.pipe = _RunsOutOfMemoryAbove(real_pipe, limit=2)
+    try:
+        tiny_generator.configure(batch_size=2, vae_batch_size=1, split_on_oom=False)
+        assert tiny_generator.model.vae_batch_size == 1 and tiny_generator.decode_chunk(SETTINGS) == 1
+        _, sizes = tiny_generator.render(prompts, [None] * 5, seeds, SETTINGS)
+        assert tiny_generator.pipe.calls == [2, 2, 1] and sizes == [2, 2, 2, 2, 1]  # calls of the batch size
+        tiny_generator.configure(batch_size=4, vae_batch_size=None, split_on_oom=False)
+        with pytest.raises(ModelError, match="out of memory rendering 4 images at 128x128"):
+            tiny_generator.render(prompts, [None] * 5, seeds, SETTINGS)
+        assert tiny_generator.oom_retries == 0 and tiny_generator.max_batch is None
+    finally:
+        tiny_generator.pipe = real_pipe
+        tiny_generator.configure(batch_size=before[0] or 4, vae_batch_size=None, split_on_oom=True)
+        tiny_generator.batch_size, tiny_generator.model = before
