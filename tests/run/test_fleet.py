@@ -69,7 +69,7 @@ def test_a_fleet_takes_each_types_gpus_and_leaves_out_a_type_the_cluster_lacks(
 
 
 def test_a_fleet_section_is_checked_when_the_config_loads() -> None:
-    with pytest.raises(ConfigError, match="remove resources.actors"):
+    with pytest.raises(ConfigError, match=r"remove resources\.actors"):
         _config(fleet={"A10G": {"batch_size": 4}}, resources={"actors": 2})
     with pytest.raises(ConfigError, match="fleet keys are Ray accelerator types"):
         _config(fleet={"CPU": {"batch_size": 4}})
