@@ -43,7 +43,7 @@ browser:
 	fi
 
 # Every test, on every core: the integration tests (Ray clusters, servers, CLI processes) run one
-# after another on one worker while the other workers take the rest (tests/conftest.py).
+# after another in two lanes, one per worker, and the other tests fill in (tests/conftest.py).
 test: venv browser
 	$(BIN)/pytest -q -n auto --dist loadgroup
 

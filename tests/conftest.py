@@ -105,21 +105,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
+# The integration tests in two lanes of about equal time (measured on 2 cores), one per worker of
+# `make test`: each lane runs its tests one after another. The cluster tests share one loopback
+# cluster (a session fixture, so per worker): they stay in one lane.
+INTEGRATION_LANE_B = frozenset({
+    "test_faults.py", "test_compare.py", "test_bad_input.py", "test_crashes.py", "test_resume.py", "test_tune.py",
+    "test_node_loss.py",
+})  # fmt: skip
+
+
+def integration_lane(nodeid: str) -> str | None:
+    """`integration-a` or `integration-b` for an integration test, None for any other."""
+    if not nodeid.startswith("tests/integration/"):
+        return None
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "integration-b" if module in INTEGRATION_LANE_B else "integration-a"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`make test` (`-n auto --dist loadgroup`): the integration tests start Ray clusters, servers
-    and CLI processes, so they run one after another on one worker while the other workers take
-    every other test. Grouped by path here: xdist 3.8's own loadgroup tags a group by rewriting
+    and CLI processes, so they run one after another in two lanes (`integration_lane`), which xdist
+    hands out first (its scopes go largest first), one per worker; the other tests fill in as the
+    workers' queues drain. Grouped by path here: xdist 3.8's own loadgroup tags a group by rewriting
     `item._nodeid`, which pytest 9 no longer reads, and would spread them over every worker."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class IntegrationInOneWorker(LoadScopeScheduling):  # type: ignore[misc]
+    class IntegrationInTwoLanes(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return "integration" if nodeid.startswith("tests/integration/") else nodeid
+            return integration_lane(nodeid) or nodeid
 
-    return IntegrationInOneWorker(config, log)
+    return IntegrationInTwoLanes(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:

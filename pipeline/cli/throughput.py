@@ -92,6 +92,10 @@ def _add_tune(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     add_job_arguments(tune)
     for flag, text in SPACE_FLAGS.items():
         tune.add_argument(flag, default=None, help=f"comma-separated {text}")
+    tune.add_argument(
+        "--max-concurrent", type=int, default=None,
+        help="trials at once (default: one per GPU of the tuned types; 1 runs them one after another)",
+    )  # fmt: skip
     tune.add_argument("--search", choices=("quick", "grid"), default="quick",
                       help="quick: a hill-climb that stops after 4 steps in a row gain under 5%% (default); "
                            "grid: every combination")  # fmt: skip
@@ -176,6 +180,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         best_config=Path(args.best_config) if args.best_config else None,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         fresh=args.fresh,
+        max_concurrent=args.max_concurrent,
         max_memory_fraction=args.max_memory_fraction,
         min_images_per_second=args.min_images_per_second,
         gate=QualityGate.parse(args.quality),

@@ -118,9 +118,15 @@ class JobPlan:
         for (width, height, steps, guidance), count in self.render_groups():
             lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count:,} rows")
         calls = self.model_calls()
-        lines.append(
-            f"batches    {calls:,} model calls (batch size {c.generation.batch_size}) on {c.resources.describe()}"
-        )
+        if c.fleet:
+            fleet = ", ".join(
+                f"{name} (batch {t.batch_size}, {t.actors_per_gpu} actor(s) per GPU)" for name, t in c.fleet.items()
+            )
+            lines.append(f"batches    a mixed fleet: {fleet}; work goes to whichever actor is free")
+        else:
+            lines.append(
+                f"batches    {calls:,} model calls (batch size {c.generation.batch_size}) on {c.resources.describe()}"
+            )
         estimate = self.estimate()
         if estimate is None:
             lines.append("estimate   unknown: no measurement with these settings yet")

@@ -73,13 +73,14 @@ def start_worker(
     env: dict[str, str] | None = None,
     metrics_port: int | None = None,
     cpus: int = 1,
+    gpus: int = 1,
     accelerator_type: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a worker node with one logical GPU in `cluster` (`env`: extra variables for its
+    """Start a worker node with `gpus` logical GPUs in `cluster` (`env`: extra variables for its
     processes; `accelerator_type`: the GPU type the node says it has, as Ray names a real GPU's).
     The node is its own process group, the raylet and every worker process it starts: killing the
     group is losing the node."""
-    args = [f"--address={cluster.address}", f"--num-cpus={cpus}", "--num-gpus=1"]
+    args = [f"--address={cluster.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"]
     args += [f"--metrics-export-port={metrics_port}"] if metrics_port else []
     args += [f"--resources={json.dumps({f'accelerator_type:{accelerator_type}': 1})}"] if accelerator_type else []
     process = _start_node(
@@ -97,11 +98,12 @@ def loopback_cluster(
     head_env: dict[str, str] | None = None,
     worker_env: dict[str, str] | None = None,
     worker_cpus: int = 1,
+    worker_gpus: int = 1,
     worker_types: tuple[str | None, str | None] = (None, None),
 ) -> Iterator[RayCluster]:
     """Head (no GPUs) + 2 GPU workers (`--num-gpus 1` each: logical GPUs, the actors run on CPU),
     stopped on exit. `head_env`, `worker_env`: extra variables for those nodes' processes;
-    `worker_cpus`, `worker_types`: each worker's CPUs and GPU type."""
+    `worker_cpus`, `worker_gpus`, `worker_types`: each worker's CPUs, GPUs and GPU type."""
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -135,7 +137,7 @@ def loopback_cluster(
         ))  # fmt: skip
         for n, kind in zip((1, 2), worker_types, strict=True):
             start_worker(
-                cluster, f"worker-{n}", env=worker_env, metrics_port=metrics[n], cpus=worker_cpus,
+                cluster, f"worker-{n}", env=worker_env, metrics_port=metrics[n], cpus=worker_cpus, gpus=worker_gpus,
                 accelerator_type=kind,
             )  # fmt: skip
         yield cluster

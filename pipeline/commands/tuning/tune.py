@@ -64,6 +64,7 @@ class TuneOptions:
     best_config: Path | None = None
     cache_dir: Path | None = None
     fresh: bool = False
+    max_concurrent: int | None = None  # trials at once; default one per GPU
     max_memory_fraction: float | None = None
     min_images_per_second: float | None = None
     gate: QualityGate = field(default_factory=QualityGate)
@@ -194,7 +195,7 @@ def _fit(context: TrialContext, searcher: TuneSearcher, types: dict[str, GpuType
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    gpus = sum(kind.gpus for kind in types.values())
+    gpus = options.max_concurrent or sum(kind.gpus for kind in types.values())
 
     def resources(config: dict[str, Any]) -> Any:
         # An empty first bundle: the trial's own process takes nothing; its actors and tasks take the GPU's bundle.
@@ -204,7 +205,13 @@ def _fit(context: TrialContext, searcher: TuneSearcher, types: dict[str, GpuType
     trainable = tune.with_resources(tune.with_parameters(load_trial, context=context), resources=resources)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=gpus),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=-1,
+            max_concurrent_trials=gpus,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((options.work_dir / "ray-tune").resolve()),
@@ -214,6 +221,16 @@ def _fit(context: TrialContext, searcher: TuneSearcher, types: dict[str, GpuType
         ),
     )
     tuner.fit()
+
+
+def _trial_name(trial: Any) -> str:
+    """`<type>-<load key>-<trial id>`: Tune's own names spell out the whole config."""
+    config = trial.config
+    try:
+        key = request_of(config).load.key
+    except (KeyError, TypeError):
+        key = "load"
+    return f"{config.get('accelerator_type', 'trial')}-{key}-{trial.trial_id}"
 
 
 def _final_verdicts(loads: list[Load], judge: Any, cache: TuneCache, mode: str, plan: TunePlan) -> None:
