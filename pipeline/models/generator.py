@@ -329,6 +329,11 @@ class ImageGenerator:
             applied.append("vae_channels_last")
         if self.model.compile:
             # Compiled lazily, on the first call; `generate` pads calls to one shape per (size, CFG).
+            # A manifest of many sizes, or `tune` sweeping batch sizes on one loaded model, needs
+            # more shapes than dynamo's default of 8 per function, past which the UNet silently runs
+            # uncompiled (and a tuned rate would be an eager one).
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_SHAPES)
             pipe.unet = torch.compile(pipe.unet, backend=self.compile_backend, fullgraph=False, dynamic=False)
             applied.append("compile")
         return applied
@@ -582,6 +587,9 @@ class ImageGenerator:
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+
+# Compiled UNet shapes an actor keeps: (size, CFG) groups x the batch sizes `tune` sweeps on it.
+COMPILED_SHAPES = 64
 
 # Pixels decoded per VAE call by default: 4 images at 1024², 16 at 512². SDXL's decoder holds
 # several 128- to 512-channel feature maps at full resolution per image (GBs at 1024²), so an

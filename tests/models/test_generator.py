@@ -203,6 +203,8 @@ def test_compile_wraps_the_unet_lazily(model_cache: Path) -> None:
     generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), compile=True))
     generator.load()
     assert isinstance(generator.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    # Room for every (size, CFG) shape of a mixed manifest, times the batch sizes tune sweeps.
+    assert torch._dynamo.config.recompile_limit >= 64
 
 
 def test_configure_rebatches_a_loaded_model_and_strict_calls_raise_instead_of_splitting(
