@@ -112,6 +112,9 @@ class GeneratorPool:
     every GPU, or one actor per GPU slot of a mixed fleet (`run.fleet`), in blocks of the largest
     batch size (each fleet actor renders them in calls of its own type's)."""
 
+    def __init__(self) -> None:
+        self.placement: dict[str, Any] = {}  # every stage's tasks go where Ray Data schedules them
+
     def map_args(self, config: JobConfig) -> dict[str, Any]:
         import ray.data
 
@@ -138,11 +141,13 @@ class GeneratorPool:
 class ModelActors:
     """The generate stage over model actors that outlive the dataset (`tune`: a model loaded once
     per load setting, measured at several batch sizes): one `RemoteGenerate` per actor. `token`
-    names the dataset, so that each of its stages claims an actor of its own."""
+    names the dataset, so that each of its stages claims an actor of its own. `placement`: Ray
+    remote args that every stage's tasks take (the trial's placement group)."""
 
-    def __init__(self, actors: list[ActorHandle[Any]], *, token: str):
+    def __init__(self, actors: list[ActorHandle[Any]], *, token: str, placement: dict[str, Any] | None = None):
         self.actors = actors
         self.token = token
+        self.placement = placement or {}
 
     def map_args(self, config: JobConfig) -> dict[str, Any]:
         import ray.data
@@ -156,6 +161,7 @@ class ModelActors:
             # A measurement that fails is the finding (an out-of-memory batch size): no retries.
             "max_restarts": 0,
             "max_task_retries": 0,
+            **self.placement,
         }
 
     def watch(self, dataset: ray.data.Dataset, config: JobConfig) -> None:
@@ -267,7 +273,7 @@ def _graph(
     import ray.data
 
     resources = config.resources
-    tasks_retry = retry_bounds(resources, actor=False)
+    tasks_retry = {**retry_bounds(resources, actor=False), **generate.placement}
     dataset: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     dataset = dataset.map_batches(
         read_stage(config, passthrough, masks), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, **tasks_retry

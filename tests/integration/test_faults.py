@@ -24,13 +24,14 @@ ROWS = 160
 ROWS_PER_PART = 8
 
 
-def _config(tmp_path: Path, model_cache: Path, manifest: str, output: str) -> Path:
+def _config(tmp_path: Path, model_cache: Path, manifest: str, output: str, *, size: int = 128) -> Path:
+    """128 px by default: slow enough that a test acts while the job runs (kills, denied writes)."""
     return write_config(
         tmp_path / "job.yaml",
         manifest=manifest,
         output=output,
         model={"preset": "tiny", "cache_dir": str(model_cache)},
-        generation={"batch_size": 4, "width": 128, "height": 128},
+        generation={"batch_size": 4, "width": size, "height": size},
         write={"rows_per_part": ROWS_PER_PART},
     )
 
@@ -123,20 +124,24 @@ def _generator_processes(driver: int) -> list[int]:
     return found
 
 
-def _s3_job(tmp_path: Path, model_cache: Path, bucket: str, endpoint: str) -> tuple[s3fs.S3FileSystem, str, str, Path]:
+def _s3_job(
+    tmp_path: Path, model_cache: Path, bucket: str, endpoint: str, *, rows: int = ROWS // 2, size: int = 128
+) -> tuple[s3fs.S3FileSystem, str, str, Path]:
     """A manifest in the bucket and a job config writing next to it; talks to moto directly."""
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
     buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(prompt_rows(ROWS // 2)), buffer)
+    pq.write_table(pa.Table.from_pylist(prompt_rows(rows)), buffer)
     fs.pipe(f"{bucket}/manifest/m.parquet", buffer.getvalue().to_pybytes())
     manifest, output = f"s3://{bucket}/manifest/m.parquet", f"s3://{bucket}/out"
-    return fs, manifest, output, _config(tmp_path, model_cache, manifest, output)
+    return fs, manifest, output, _config(tmp_path, model_cache, manifest, output, size=size)
 
 
 def test_flaky_object_store_is_retried(
     tmp_path: Path, model_cache: Path, s3_bucket: str, s3_env: dict[str, str]
 ) -> None:
-    _, manifest, output, config = _s3_job(tmp_path, model_cache, s3_bucket, s3_env["AWS_ENDPOINT_URL"])
+    # Nothing acts while it runs: fewer, smaller images still make some 60 requests, every 7th failing.
+    endpoint = s3_env["AWS_ENDPOINT_URL"]
+    _, manifest, output, config = _s3_job(tmp_path, model_cache, s3_bucket, endpoint, rows=ROWS // 4, size=64)
     with FaultyS3Proxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
         proxy.mode, proxy.fail_every, proxy.drop_every = "flaky", 7, 11
         env = s3_env | {"AWS_ENDPOINT_URL": proxy.url}

@@ -94,7 +94,7 @@ class TypeSearch:
         if self.mode != "quick" or not self.space.contains(result.load):
             return
         self._climb(result)
-        if self.round <= set(self.results) and not self.stopped:
+        if self.round <= set(self.results) and not self.stopped and not self.reconciled:
             best = self.best_load()
             if best is not None:
                 fresh = [n for n in self.space.neighbours(best.load, self.type) if n not in self.seen]

@@ -114,9 +114,10 @@ def load_bundle(accelerator_type: str, types: dict[str, GpuType]) -> dict[str, f
     """A trial's placement-group bundle: a GPU of its type and the CPUs such a GPU gets on its
     node in a real job (on a machine without GPUs: every CPU of it)."""
     kind = types[accelerator_type]
+    resources = {"CPU": kind.cpus_per_gpu}
     if accelerator_type == CPU:
-        return {"CPU": kind.cpus_per_gpu}
-    resources = {"GPU": 1.0, "CPU": kind.cpus_per_gpu}
+        return resources
+    resources["GPU"] = 1.0
     if accelerator_type != "GPU":
         resources[f"{RESOURCE_PREFIX}{accelerator_type}"] = TYPE_SHARE
     return resources
