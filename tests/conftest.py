@@ -109,7 +109,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # `make test`: each lane runs its tests one after another. The cluster tests share one loopback
 # cluster (a session fixture, so per worker): they stay in one lane.
 INTEGRATION_LANE_B = frozenset({
-    "test_faults.py", "test_compare.py", "test_crashes.py", "test_resume.py", "test_node_loss.py",
+    "test_faults.py", "test_compare.py", "test_crashes.py", "test_resume.py", "test_node_loss.py", "test_cli_local.py",
 })  # fmt: skip
 
 
