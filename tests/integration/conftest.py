@@ -42,9 +42,17 @@ class RayCluster:
 
 
 def _start_node(args: list[str], log: Path, env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
+    # Every agent of the node on a port of its own: Ray's defaults (the dashboard agent's 52365)
+    # are taken by whichever Ray on the machine starts first (the other lane's jobs), and a head
+    # without its agent answers every job submission "No available agent to submit job".
+    agents = [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
     with open(log, "w") as handle:
         process = subprocess.Popen(
-            [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+            [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *agents, *args],
             stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + 120
