@@ -49,8 +49,9 @@ SPACE = [
 ]  # fmt: skip
 HEADER = [
     "| date | GPUs | loads (per type) | measurements | parallel: wall | occupancy (command / trials) | "
-    "sequential: wall | occupancy (command / trials) | speed-up | models loaded per type (load settings x actors) |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    "sequential: wall | occupancy (command / trials) | speed-up | models loaded per type (load settings x actors) | "
+    "failed loads (parallel / sequential) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
 ]
 
 
@@ -59,13 +60,19 @@ def run_tune(job: Path, folder: Path, env: dict[str, str], extra: list[str]) -> 
     result = subprocess.run(
         [CLI, "tune", str(job), *SPACE, "--fresh", "--no-progress", "--work-dir", str(folder),
          "--cache-dir", str(folder / "cache"), *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=3600, check=False,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False,
     )  # fmt: skip
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"tune failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
     print(result.stdout.strip().splitlines()[-6:], flush=True)
     return json.loads((folder / "tune.json").read_text()), wall
+
+
+def failed_loads(record: dict[str, Any]) -> list[str]:
+    """The loads that did not finish (each a trial that measured nothing), with their errors."""
+    return [f"{load['load_key']} on {load['accelerator_type']}: {load['status']}" for load in record["loads"]
+            if load["status"] != "ok"]  # fmt: skip
 
 
 def models_per_type(record: dict[str, Any]) -> dict[str, int]:
@@ -118,7 +125,10 @@ def main() -> None:
         ", ".join(
             f"{k}: {n} (expected {expected[k]}: {settings} settings)" for k, n in models_per_type(parallel).items()
         ),
+        f"{len(failed_loads(parallel))} / {len(failed_loads(sequential))}",
     ]
+    for failure in failed_loads(parallel) + failed_loads(sequential):
+        print(f"failed load: {failure}", flush=True)
     row = "| " + " | ".join(cells) + " |"
     print("\n".join([*HEADER, row]))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -20,11 +21,32 @@ import pytest
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+# The loopback clusters' ports: below Linux's ephemeral range (32768-60999), from which every
+# outgoing connection on the machine takes its local port, so a port found free cannot be taken
+# by one of those before Ray binds it (seen with ports from bind(0): a worker's runtime-env agent
+# failed with "Address already in use", its raylet went with it, and a job waited for its GPUs
+# forever), and above Ray's worker ports (10002-19999). Each pytest-xdist worker, and any other
+# process (a benchmark), draws from a slice of its own; none hands out a port twice.
+_PORTS_START, _PORTS_PER_PROCESS = 20000, 1500
+_handed_out: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    slot = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low = _PORTS_START + (slot % 8) * _PORTS_PER_PROCESS
+    for _ in range(500):
+        port = random.randrange(low, low + _PORTS_PER_PROCESS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))  # every address: Ray's agents listen on the machine's address too
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {low}-{low + _PORTS_PER_PROCESS - 1}")
 
 
 @dataclass
@@ -137,9 +159,10 @@ def loopback_cluster(
         node_env=env,
     )
     web = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    web = web if dashboard else ["--include-dashboard=false"]
     try:
         cluster.processes.append(_start_node(
-            ["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", *(web if dashboard else []),
+            ["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", *web,
              f"--metrics-export-port={metrics[0]}", f"--temp-dir={ray_tmp}"],
             folder / "head.log", {**env, **(head_env or {})}, "Ray runtime started",
         ))  # fmt: skip

@@ -19,24 +19,28 @@ from tests.integration.conftest import GPU_TYPES, RayCluster, inject_env
 pytestmark = pytest.mark.integration
 
 
-def _nodes_by_type(cluster: RayCluster) -> dict[str, set[str]]:
-    """The cluster's nodes per GPU type, asked from Ray's state API."""
+def _cluster_state(cluster: RayCluster) -> tuple[dict[str, set[str]], int]:
+    """The cluster's nodes per GPU type, and how many named actors (Ray Data's cluster-wide ones:
+    ours have no names) have died, asked from Ray's state API."""
     script = (
-        "import json; from ray.util.state import list_nodes; "
-        f"nodes = list_nodes(address={cluster.dashboard!r}, detail=True, raise_on_missing_output=False); "
-        "print(json.dumps([[n.node_id, n.resources_total] for n in nodes if n.state == 'ALIVE']))"
+        "import json; from ray.util.state import list_actors, list_nodes; "
+        f"kw = dict(address={cluster.dashboard!r}, raise_on_missing_output=False); "
+        "nodes = list_nodes(detail=True, **kw); "
+        "dead = [a for a in list_actors(filters=[('state', '=', 'DEAD')], limit=10000, **kw) if a.name]; "
+        "print(json.dumps([[[n.node_id, n.resources_total] for n in nodes if n.state == 'ALIVE'], len(dead)]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
         env={**os.environ, **cluster.env},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    nodes, dead = json.loads(result.stdout.splitlines()[-1])
     found: dict[str, set[str]] = {}
-    for node, resources in json.loads(result.stdout.splitlines()[-1]):
+    for node, resources in nodes:
         for key in resources:
             if key.startswith("accelerator_type:"):
                 found.setdefault(key.split(":", 1)[1], set()).add(node)
-    return found
+    return found, dead
 
 
 def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -70,13 +74,16 @@ def test_tune_both_types_at_once_then_run_the_fleet(tmp_path: Path, job: Path, r
     ]  # fmt: skip
     # The actors "run out of memory" above 2 images per call; `attention: eager` "corrupts" the pixels.
     env = {**ray_cluster.env, **inject_env(oom_above="2", corrupt="attention=eager")}
+    _, dead_before = _cluster_state(ray_cluster)
     result = run_cli(*flags, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     record = json.loads((work / "tune.json").read_text())
 
     # Both types' loads ran at the same time, each on a node of its type (Ray's state API says which).
     loads = [load for load in record["loads"] if not load["cached"]]
-    nodes = _nodes_by_type(ray_cluster)
+    nodes, dead_after = _cluster_state(ray_cluster)
+    # Ray Data's cluster-wide actors were started outside the trials' placement groups: none died with a trial.
+    assert dead_after == dead_before
     assert {load["accelerator_type"] for load in loads} == set(GPU_TYPES) and len(loads) == 4
     for load in loads:
         assert load["node_id"] in nodes[load["accelerator_type"]], load

@@ -143,6 +143,7 @@ def run_tune(
     started = time.time()
     executor = planning_executor(config, ray_address)
     init_ray(ray_address)
+    _start_ray_data_actors()
     types = tune_types(options.types)
     space = SearchSpace.parse(on_gpu=CPU not in types, flags=flags)
     job = plan_job(config, executor=executor)
@@ -179,6 +180,24 @@ def run_tune(
         sample_groups=sample_groups(sample), pending_rows=job.pending_rows, started_at=started, ended_at=time.time(),
         cache_hits=cache.hits, fingerprint=fingerprint, versions=versions,
     )  # fmt: skip
+
+
+class _Identity:
+    def __call__(self, batch: Any) -> Any:
+        return batch
+
+
+def _start_ray_data_actors() -> None:
+    """Ray Data's cluster-wide actors (its stats actor, the actor-location tracker of its actor
+    pools, its usage and autoscaling actors: detached, named, one per cluster) are started by the
+    first process that runs a dataset. From inside a trial they would be started in the trial's
+    placement group (Tune's bundles capture their child tasks) and die when that trial ends, under
+    another trial's dataset (seen: `ActorUnschedulableError` in 1 or 2 of 8 loads on four logical
+    GPUs, from the tracker, restarted into a removed placement group). One row through an actor
+    stage, here on the driver, starts them outside every placement group."""
+    import ray.data
+
+    ray.data.range(1).map_batches(_Identity, concurrency=1, num_cpus=0).materialize()
 
 
 def _judge(gate: QualityGate) -> Any:
