@@ -10,6 +10,7 @@ import argparse
 import gc
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from pipeline import __version__
@@ -22,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdxl-batch", description="Distributed batch image generation with SDXL models on Ray."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level, and print an error's whole chain of causes"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     # In this order in `--help`: a job's life, then the presets, the cluster, and throughput.
     for group in (render, presets, cluster, throughput):
@@ -54,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SdxlBatchError as error:
         _disconnect_ray()
+        if args.verbose:  # the whole chain: what went wrong underneath (a storage, model or cluster error)
+            traceback.print_exception(error, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="discard the output's previous results first (default: resume, skipping rows already done)",
     )
+    _add_takeover(run)
     run.set_defaults(handler=cmd_run)
     validate = commands.add_parser(
         "validate",
@@ -56,7 +57,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="remove the objects of interrupted parts (tars, images, stats records, temporary files that no "
         "committed part lists); never while a job writes into the output. Every job's end does the same.",
     )
+    _add_takeover(verify, note=" (with --clean)")
     verify.set_defaults(handler=cmd_verify)
+
+
+def _add_takeover(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument(
+        "--takeover",
+        action="store_true",
+        help=f"take the output's writer lease{note} from another job even if it may be alive: only when you know "
+        "it is dead (a writer that died is taken over without this flag once its lease is stale)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -69,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         metrics_port=args.metrics_port,
+        takeover=args.takeover,
     )
     rejected = result.stats["rows_rejected"]
     if rejected:
@@ -76,7 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     done_before = result.stats["rows_done_before"]
     if done_before:
         print(f"Resumed: {done_before} of {result.stats['manifest_rows']} rows were already done and were skipped")
-    print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
+    if result.rows:
+        print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
+    else:
+        print("Rendered 0 images: every row was already done; the output and its statistics are unchanged")
     for name, location in result.locations().items():
         print(f"  {name:<9}{location}")
     return 0
@@ -106,6 +121,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.output.verify import verify_output
 
-    report = verify_output(args.output, manifest=args.manifest, storage=storage_config(args), clean=args.clean)
+    report = verify_output(
+        args.output, manifest=args.manifest, storage=storage_config(args), clean=args.clean, takeover=args.takeover
+    )
     print(report.summary())
     return 0 if report.ok else 1

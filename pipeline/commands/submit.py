@@ -17,14 +17,15 @@ import asyncio
 import logging
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -39,13 +40,16 @@ if TYPE_CHECKING:
     from pipeline.core.config import JobConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The checkout that holds the package (found from the package itself, wherever this module sits).
 REPO = Path(pipeline.__file__).resolve().parents[1]
 SHIPPED = ("pipeline", "jobs", "configs")
 SUBMITTED_CONFIG = "submitted.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-AGENT_WAIT_SECONDS = 60
+# How long `submit` waits for a head that is still starting (its dashboard not yet listening, or its
+# job agent not yet up: Ray answers "No available agent to submit job, please try again later").
+STARTING_WAIT_SECONDS = 90.0
 
 
 def client(address: str) -> Any:
@@ -55,7 +59,51 @@ def client(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as error:
-        raise _cluster_error(error, address) from None
+        raise _cluster_error(error, address) from error
+
+
+def client_or_raise(address: str) -> Any:
+    """A JobSubmissionClient, letting the Ray client's own errors through (`retry_while_starting`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def _still_starting(error: BaseException) -> str | None:
+    """What a head that is still starting answered, or None for any other error."""
+    text = str(error)
+    if "No available agent" in text:
+        return "its job agent is not up yet"
+    if isinstance(error, ConnectionError) and ("refused" in text.lower() or "Failed to connect" in text):
+        return "its dashboard does not answer yet"
+    return None
+
+
+def retry_while_starting(address: str, action: Callable[[], T], *, wait_seconds: float = STARTING_WAIT_SECONDS) -> T:
+    """Run `action` against the head, retrying with backoff (1, 2, 4, 8 s...) while the head is
+    still starting, for `wait_seconds` at most, each retry said on stderr; other errors at once."""
+    deadline = time.monotonic() + wait_seconds
+    delay = 1.0
+    while True:
+        try:
+            return action()
+        except SdxlBatchError:
+            raise
+        except Exception as error:
+            reason = _still_starting(error)
+            left = deadline - time.monotonic()
+            if reason is None:
+                raise _cluster_error(error, address) from error
+            if left <= 0:
+                raise ClusterError(
+                    f"the Ray head at {address} was still starting after {wait_seconds:.0f} s ({reason}: "
+                    f"{str(error).splitlines()[0]}). Check `ray status` on the head and its dashboard log "
+                    "(/tmp/ray/session_latest/logs/dashboard*.log), then submit again."
+                ) from error
+            pause = min(delay, left)
+            print(f"the Ray head at {address} is still starting ({reason}); retrying in {pause:.0f} s", file=sys.stderr)
+            time.sleep(pause)
+            delay = min(delay * 2, 16.0)
 
 
 def _cluster_error(error: BaseException, address: str) -> ClusterError:
@@ -82,7 +130,7 @@ def _calling(address: str) -> Iterator[None]:
     except SdxlBatchError:
         raise
     except Exception as error:
-        raise _cluster_error(error, address) from None
+        raise _cluster_error(error, address) from error
 
 
 def check_paths(config: JobConfig) -> None:
@@ -175,24 +223,17 @@ def submit(
                 sum(sizes) / 2**20,
             )
     command = entrypoint(manifest=manifest, output=output, overrides=overrides or [])
-    jobs = client(address)
     job_id = f"sdxl-batch-{_slug(job_label(config.output))}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with working_dir(config_path) as folder, _calling(address):
-        deadline = time.monotonic() + AGENT_WAIT_SECONDS
-        while True:
-            try:
-                jobs.submit_job(
-                    entrypoint=command,
-                    submission_id=job_id,
-                    runtime_env={"working_dir": str(folder), "env_vars": {**QUIET_ENV, **(env or {})}},
-                    metadata={"sdxl_batch": __version__, "output": config.output, "model": config.model.preset},
-                )
-                break
-            except RuntimeError as error:
-                # A head that has just started answers this until its job agent is up.
-                if "No available agent" not in str(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
+    with working_dir(config_path) as folder:
+        retry_while_starting(
+            address,
+            lambda: client_or_raise(address).submit_job(
+                entrypoint=command,
+                submission_id=job_id,
+                runtime_env={"working_dir": str(folder), "env_vars": {**QUIET_ENV, **(env or {})}},
+                metadata={"sdxl_batch": __version__, "output": config.output, "model": config.model.preset},
+            ),
+        )
     return Submission(job_id=job_id, address=address, entrypoint=command)
 
 

@@ -224,6 +224,16 @@ class WriteConfig(_Section):
             "Smaller parts commit progress sooner; larger parts make fewer objects."
         ),
     )
+    lease_expiry_s: float = Field(
+        default=300.0,
+        ge=1.0,
+        le=86_400.0,
+        description=(
+            "The output's writer lease (`lease.json`, one writer per output): renewed every fifth of this; a "
+            "lease whose heartbeat is older is taken over by the next writer on another host (on the same host "
+            "a lease whose process is gone is taken over at once). docs/failures.md."
+        ),
+    )
 
 
 class ResourcesConfig(_Section):

@@ -38,6 +38,10 @@ class StorageError(SdxlBatchError):
     """A location cannot be read or written (missing bucket, no credentials, permission denied)."""
 
 
+class LeaseHeld(StorageError):
+    """Another writer holds the output's lease (`output.lease`): one writer per output."""
+
+
 class ModelError(SdxlBatchError):
     """A model preset or its weights cannot be resolved or loaded."""
 

@@ -33,6 +33,24 @@ _S3_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
 _TEMPORARY_NAME = re.compile(r"\.(?:.+\.[0-9a-f]{32}\.tmp|tmp-[0-9a-f]{32}-.+)", re.DOTALL)
 
 
+def _storage_errors() -> tuple[type[Exception], ...]:
+    """What reading or writing a location raises when the location is the problem: OSError (s3fs
+    maps S3's answers to OSErrors, pyarrow's IO errors are OSErrors) and the errors botocore raises
+    itself (missing credentials, a bad endpoint). Never ValueError: pyarrow's ArrowInvalid (a schema
+    or cast bug) is one, and must surface as what it is."""
+    errors: list[type[Exception]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:  # installed with s3fs; a local-only install has no S3 errors to catch
+        pass
+    return tuple(errors)
+
+
+STORAGE_ERRORS = _storage_errors()
+
+
 def is_remote(uri: str) -> bool:
     protocol = fsspec.core.split_protocol(uri)[0]
     return protocol not in (None, "file", "local")
@@ -92,28 +110,64 @@ def is_temporary_name(name: str) -> bool:
     return bool(_TEMPORARY_NAME.fullmatch(name))
 
 
-def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a whole object. An object-store PUT is atomic; local files are renamed into place.
+def fsync_folder(folder: str) -> None:
+    """Make a folder's entries (a rename into it) durable: the rename of a file whose data is on
+    disk can itself be lost at a power loss until its folder is synced."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
-    Atomicity matters because readers (resume, verify) treat a file's presence as complete. A
-    local write killed before its rename leaves its temporary file (`temporary_path`), which no
-    glob of the final names matches; `sdxl-batch verify --clean` removes it. s3fs makes no
-    temporary objects: an object appears when its PUT, or the completion of its multipart
-    upload (100 MiB and more), succeeds.
-    """
-    if is_remote_fs(fs):
-        fs.pipe_file(path, data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+def _write_local(path: str, data: bytes) -> None:
+    """A file's bytes on disk under a temporary name, then renamed to `path` (not yet durable:
+    its folder still needs `fsync_folder`)."""
     tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole object, atomically and durably. An object-store PUT is both; a local file is
+    written under a temporary name, fsynced, renamed into place, and its folder fsynced.
+
+    Atomicity matters because readers (resume, verify) treat a file's presence as complete, and
+    durability because a commit that a power loss can undo (a renamed metadata part left empty)
+    would stop every resume. A local write killed before its rename leaves its temporary file
+    (`temporary_path`), which no glob of the final names matches; `sdxl-batch verify --clean`
+    removes it. s3fs makes no temporary objects: an object appears when its PUT, or the
+    completion of its multipart upload (100 MiB and more), succeeds.
+    """
+    if is_remote_fs(fs):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_local(path, data)
+    fsync_folder(os.path.dirname(path))
+
+
+def write_files(fs: AbstractFileSystem, targets: dict[str, bytes]) -> None:
+    """Write many objects (a part's images) as `write_bytes` writes one: concurrent PUTs on an
+    object store; locally each through a temporary file and a rename, then each folder fsynced once."""
+    if is_remote_fs(fs):
+        fs.pipe(targets)  # s3fs uploads these concurrently
+        return
+    folders = {os.path.dirname(path) for path in targets}
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    for path, data in targets.items():
+        _write_local(path, data)
+    for folder in sorted(folders):
+        fsync_folder(folder)
 
 
 @contextmanager
@@ -138,7 +192,10 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
     try:
         with open(tmp, "wb") as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_folder(os.path.dirname(path))
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

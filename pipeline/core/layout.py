@@ -2,12 +2,15 @@
 
     OUTPUT/
       job.json                          the job's record (config, manifest files, fingerprint)
+      lease.json                        the running writer's lease (`output.lease`); absent between jobs
       metadata/part-<digest>.parquet    one per committed part, written last: the ledger of done rows
       stats/part-<digest>.json          the part's measurements, written just before its metadata part
       images/<shard>/<key>.<ext>        the files layout: one object per image
       shards/part-<digest>.tar          the webdataset layout: one tar per part, <key>.<ext|json|txt> members
       rejects/<manifest file>.parquet   bad rows (`on_bad_row: skip`)
-      stats.json                        the job's statistics, written when it ends
+      damaged/part-<digest>.parquet     committed parts that could not be read, moved aside (their rows rendered again)
+      stats/runs/<finished>-<id>.json   each run that rendered: its stats.json record, kept
+      stats.json                        the last rendering run's statistics and the whole output's (all runs)
       report.html                       `sdxl-batch report`
       README.md                         a Hugging Face dataset card: `datasets.load_dataset(OUTPUT)` reads it
       metadata.parquet                  the files layout's `file_name` index for Hugging Face's imagefolder
@@ -49,15 +52,18 @@ STATS_DIR = "stats"
 IMAGES_DIR = "images"
 SHARDS_DIR = "shards"
 REJECTS_DIR = "rejects"
+DAMAGED_DIR = "damaged"
 GRIDS_DIR = "grids"
 COMPARE_FILE = "compare.md"
 DATASET_CARD = "README.md"
 IMAGEFOLDER_INDEX = "metadata.parquet"
 SHARD_LIST = "shards.txt"
+RUNS_DIR = f"{STATS_DIR}/runs"  # one record per run that rendered (`output.runs`)
+LEASE_FILE = "lease.json"  # not in OUTPUT_ENTRIES: `--overwrite` keeps the lease it holds
 # Everything a job or `compare` writes: what `--overwrite` clears, and nothing else.
 OUTPUT_ENTRIES = (
     METADATA_DIR, STATS_DIR, IMAGES_DIR, SHARDS_DIR, REJECTS_DIR, GRIDS_DIR, STATS_FILE, JOB_RECORD, COMPARE_FILE,
-    DATASET_CARD, IMAGEFOLDER_INDEX, SHARD_LIST,
+    DATASET_CARD, IMAGEFOLDER_INDEX, SHARD_LIST, DAMAGED_DIR,
 )  # fmt: skip
 # File extension of each image format.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -177,4 +183,4 @@ def write_json(fs: AbstractFileSystem, path: str, record: dict[str, Any]) -> Non
     try:
         write_bytes(fs, path, json.dumps(record, indent=2, default=str).encode())
     except OSError as error:
-        raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from None
+        raise StorageError(f"cannot write to the output {full_uri(fs, path)}: {error}") from error

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ModelError
-from pipeline.core.io import filesystem, is_remote
+from pipeline.core.io import STORAGE_ERRORS, filesystem, is_remote
 from pipeline.core.uris import weights_source_problem
 from pipeline.models.presets import TINY
 
@@ -80,10 +80,10 @@ def _copy_remote(uri: str, storage: StorageConfig | None, destination: Path, *, 
             fs.get(path.rstrip("/") + "/", str(destination), recursive=True)
     except ModelError:
         raise
-    except FileNotFoundError:
-        raise ModelError(f"model weights not found in object storage: {uri}") from None
-    except Exception as error:
-        raise ModelError(f"cannot copy model weights from {uri}: {type(error).__name__}: {error}") from None
+    except FileNotFoundError as error:
+        raise ModelError(f"model weights not found in object storage: {uri}") from error
+    except STORAGE_ERRORS as error:
+        raise ModelError(f"cannot copy model weights from {uri}: {type(error).__name__}: {error}") from error
 
 
 def resolve_folder(ref: str, *, storage: StorageConfig | None, cache_dir: Path, marker: str) -> str:

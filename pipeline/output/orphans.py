@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.io import is_temporary_name, join
-from pipeline.core.layout import IMAGES_DIR, METADATA_DIR, SHARDS_DIR, STATS_DIR
+from pipeline.core.layout import IMAGES_DIR, METADATA_DIR, RUNS_DIR, SHARDS_DIR, STATS_DIR
 from pipeline.output.streaming import bounded_map
 
 if TYPE_CHECKING:
@@ -90,7 +90,12 @@ def find_orphans(
                 orphans.temporary.append(relpath)
             elif folder == SHARDS_DIR and relpath not in tars:
                 orphans.tars.append(relpath)
-            elif folder == STATS_DIR and name.endswith(".json") and name.removesuffix(".json") not in parts:
+            elif (
+                folder == STATS_DIR
+                and name.endswith(".json")
+                and not relpath.startswith(f"{RUNS_DIR}/")  # the runs' records (`output.runs`)
+                and name.removesuffix(".json") not in parts
+            ):
                 orphans.stats.append(relpath)
     for unreferenced, temporary in bounded_map(
         lambda group: _image_orphans(fs, root, *group), _image_groups(fs, root, images), threads=_LISTING_THREADS

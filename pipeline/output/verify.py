@@ -33,9 +33,11 @@ import pyarrow.parquet as pq
 
 from pipeline.core.io import filesystem, is_temporary_name, join
 from pipeline.core.layout import REJECTS_DIR, committed_parts
+from pipeline.output.lease import OutputLease, describe_writer
 from pipeline.output.manifest_ids import ManifestFile, manifest_files, manifest_ids
 from pipeline.output.orphans import Orphans, find_orphans, remove_orphans
 from pipeline.output.streaming import ImageReferences, PartitionedSpill, bounded_map, partitions_for, read_columns
+from pipeline.plan.parts import DAMAGE_ERRORS
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -47,6 +49,9 @@ _COLUMNS = ["id", "image_path", "tar_member", "sha256", "bytes"]
 _CHUNK = 1 << 20  # bytes hashed at once from a tar member
 # Problem kinds in the order the summary lists them.
 SCHEMA_PROBLEM = "metadata part with another schema than"
+DAMAGED_PROBLEM = (
+    "damaged committed part (cannot be read; `sdxl-batch run` moves it aside to damaged/ and renders its rows again)"
+)
 DUPLICATE = "duplicate id"
 UNREADABLE_TAR = "unreadable tar shard"
 IMAGE_MISSING = "image missing"
@@ -66,6 +71,7 @@ class VerifyReport:
     manifest_rows: int | None = None
     rejected_rows: int = 0
     problems: list[str] = field(default_factory=list)
+    writer: str | None = None  # a job holding the output's lease while this ran (`describe_writer`)
 
     @property
     def ok(self) -> bool:
@@ -81,7 +87,8 @@ class VerifyReport:
             self.problems.append(f"{kind} ({count}): {', '.join(shown)}{more}")
 
     def summary(self) -> str:
-        lines = [
+        lines = [f"note: {self.writer}"] if self.writer else []
+        lines += [
             f"rows in metadata: {self.rows} in {self.parts} parts",
             f"images checked:   {self.checked_images} (sha256 and size)",
             f"orphans:          {self.orphans.describe()}: from interrupted parts, not counted"
@@ -209,24 +216,40 @@ def _tar_fingerprints(fs: AbstractFileSystem, path: str, wanted: set[str]) -> di
     return found
 
 
-def _footers(fs: AbstractFileSystem, paths: list[str], report: VerifyReport) -> None:
+def _footers(fs: AbstractFileSystem, paths: list[str], report: VerifyReport) -> list[str]:
     """Row counts, and every part's schema against the first's: globbing readers (DuckDB,
-    Polars, pyarrow, Hugging Face) drop columns or fail on parts that differ."""
+    Polars, pyarrow, Hugging Face) drop columns or fail on parts that differ. Returns the parts
+    that read; the others are reported as damaged (`plan.parts`)."""
 
-    def footer(path: str) -> tuple[pa.Schema, int]:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.read_metadata(handle)
+    def footer(path: str) -> tuple[pa.Schema, int] | str:
+        try:
+            with fs.open(path, "rb") as handle:
+                metadata = pq.read_metadata(handle)
+        except FileNotFoundError:
+            raise
+        except DAMAGE_ERRORS as error:
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         return metadata.schema.to_arrow_schema().remove_metadata(), metadata.num_rows
 
     first: pa.Schema | None = None
     differ: list[str] = []
-    for path, (schema, rows) in zip(paths, bounded_map(footer, paths), strict=True):
+    damaged: list[str] = []
+    readable: list[str] = []
+    for path, found in zip(paths, bounded_map(footer, paths), strict=True):
+        if isinstance(found, str):
+            damaged.append(f"{posixpath.basename(path)} ({found})")
+            continue
+        schema, rows = found
         first = schema if first is None else first
         report.rows += rows
+        readable.append(path)
         if not schema.equals(first):
             differ.append(posixpath.basename(path))
-    report.parts = len(paths)
-    report.add(f"{SCHEMA_PROBLEM} {posixpath.basename(paths[0])}", differ)
+    report.parts = len(readable)
+    report.add(DAMAGED_PROBLEM, damaged)
+    if readable:
+        report.add(f"{SCHEMA_PROBLEM} {posixpath.basename(readable[0])}", differ)
+    return readable
 
 
 class _RejectedRows:
@@ -342,11 +365,28 @@ def _scan_parts(
 
 
 def verify_output(
-    output: str, *, manifest: str | None = None, storage: StorageConfig | None = None, clean: bool = False
+    output: str,
+    *,
+    manifest: str | None = None,
+    storage: StorageConfig | None = None,
+    clean: bool = False,
+    takeover: bool = False,
 ) -> VerifyReport:
-    """Check `output`; `clean`: also remove the objects of interrupted parts (only while no job
-    writes into the output: a running job's uncommitted objects look the same)."""
+    """Check `output`; `clean`: also remove the objects of interrupted parts, holding the output's
+    lease (a running job's uncommitted objects look the same: with a job writing, `clean` is
+    refused). Without `clean` it reads without a lease, and says when a job is writing."""
     fs, root = filesystem(output, storage)
+    if not clean:
+        report = _verify(fs, root, output, manifest=manifest, storage=storage, clean=False)
+        report.writer = describe_writer(fs, root)
+        return report
+    with OutputLease(fs, root, command="verify --clean", takeover=takeover):
+        return _verify(fs, root, output, manifest=manifest, storage=storage, clean=True)
+
+
+def _verify(
+    fs: AbstractFileSystem, root: str, output: str, *, manifest: str | None, storage: StorageConfig | None, clean: bool
+) -> VerifyReport:
     fs.invalidate_cache()  # fresh listings: orphans are what no committed part lists (output.orphans)
     report = VerifyReport()
     paths = committed_parts(fs, root)
@@ -354,7 +394,7 @@ def verify_output(
         report.problems.append(f"no metadata under {output} (nothing committed yet)")
         _orphans(fs, root, report, parts=set(), tars=set(), images=None, clean=clean)
         return report
-    _footers(fs, paths, report)
+    paths = _footers(fs, paths, report)
     manifest_fs, files = manifest_files(manifest, storage) if manifest is not None else (fs, [])
     partitions = partitions_for(max(report.rows, sum(f.rows for f in files)))
     findings = Findings()

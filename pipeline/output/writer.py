@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import StorageError
-from pipeline.core.io import filesystem, is_remote_fs, join, write_bytes
+from pipeline.core.io import STORAGE_ERRORS, filesystem, join, write_bytes, write_files
 from pipeline.core.layout import (
     EXTENSIONS,
     METADATA_FIELDS,
@@ -90,11 +89,11 @@ class PartWriter:
         stay valid, so the same command resumes once the output is writable again."""
         try:
             return self._write(batch)
-        except (OSError, ValueError) as error:  # s3fs maps S3 errors (AccessDenied, NoSuchBucket) to OSErrors
+        except STORAGE_ERRORS as error:  # s3fs maps S3's answers (AccessDenied, NoSuchBucket) to OSErrors
             raise StorageError(
                 f"cannot write to the output {self.fs.unstrip_protocol(self.root)}: {type(error).__name__}: {error}. "
                 "Parts committed so far are kept; rerun the same command to resume once the output is writable."
-            ) from None
+            ) from error
 
     def _write(self, batch: pa.Table) -> PartStats:
         start = time.perf_counter()
@@ -141,14 +140,9 @@ class PartWriter:
         return conform(batch, schema)
 
     def _write_files(self, relpaths: list[str], images: list[bytes]) -> None:
-        targets = {join(self.root, rel): data for rel, data in zip(relpaths, images, strict=True)}
-        if is_remote_fs(self.fs):
-            self.fs.pipe(targets)  # s3fs uploads these concurrently
-            return
-        for path, data in targets.items():
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as handle:
-                handle.write(data)
+        """Each image through a temporary file and a rename (a row re-rendered after a kill never
+        leaves a truncated image that a committed part lists), fsynced before the part commits."""
+        write_files(self.fs, {join(self.root, rel): data for rel, data in zip(relpaths, images, strict=True)})
 
     def _write_tar(self, name: str, table: pa.Table, images: list[bytes]) -> None:
         buffer = io.BytesIO()

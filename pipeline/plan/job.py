@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import ManifestError, StorageError
 from pipeline.core.io import filesystem, full_uri, join, write_bytes
 from pipeline.core.layout import (
+    DAMAGED_DIR,
     JOB_RECORD,
     METADATA_FIELDS,
     REJECTS_DIR,
@@ -112,6 +113,13 @@ class JobPlan:
             kinds = ", ".join(f"{n:,} {k}" for k, n in m.problem_columns.most_common())
             action = "listed in rejects/, the rest renders" if c.on_bad_row == "skip" else "the job will not start"
             lines.append(f"bad rows   {m.problem_count:,} ({kinds}); on_bad_row: {c.on_bad_row}: {action}")
+        if m.damaged_parts:
+            names = ", ".join(f"{posixpath.basename(path)} ({why})" for path, why in m.damaged_parts[:3])
+            more = f" and {len(m.damaged_parts) - 3} more" if len(m.damaged_parts) > 3 else ""
+            lines.append(
+                f"damaged    {len(m.damaged_parts):,} committed part(s) cannot be read: {names}{more}; `run` "
+                f"moves them aside to {DAMAGED_DIR}/ and renders their rows again"
+            )
         if self.done_rows:
             lines.append(f"done       {self.done_rows:,} rows already in the output (skipped: resume)")
         lines.append(f"to render  {self.pending_rows:,} rows")
@@ -197,7 +205,7 @@ def plan_job(config: JobConfig, *, overwrite: bool = False, executor: PlanExecut
             committed=committed,
         )
     except (OSError, pa.ArrowInvalid) as error:
-        raise StorageError(f"cannot read the output {output}: {type(error).__name__}: {error}") from None
+        raise StorageError(f"cannot read the output {output}: {type(error).__name__}: {error}") from error
     passthrough = resume_passthrough(manifest.passthrough, schema, fixed=METADATA_FIELDS, output=output)
     return JobPlan(
         config=config,
@@ -249,5 +257,5 @@ def write_rejects(job: JobPlan) -> list[str]:
         for stale in existing - keep:
             fs.rm(stale)
     except OSError as error:
-        raise StorageError(f"cannot write rejects/ under the output {job.output}: {error}") from None
+        raise StorageError(f"cannot write rejects/ under the output {job.output}: {error}") from error
     return written

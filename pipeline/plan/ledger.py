@@ -26,6 +26,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.io import filesystem, join
 from pipeline.core.layout import OUTPUT_ENTRIES
 from pipeline.models.presets import get_preset, vae_label
+from pipeline.plan.parts import DAMAGE_ERRORS
 from pipeline.plan.settings import SettingDefaults
 
 if TYPE_CHECKING:
@@ -39,10 +40,13 @@ def read_committed_schema(fs: AbstractFileSystem, parts: list[str]) -> pa.Schema
     footer: every part of an output has the same, and `verify` checks it), or None when none is
     committed (a new output, an empty `metadata/`, or only the temporary file of a job killed
     during its first commit: nothing is done yet)."""
-    if not parts:
-        return None
-    with fs.open(parts[0], "rb") as handle:
-        return pq.read_schema(handle)
+    for path in parts:  # the first that reads: a damaged part is the planner's to report (`read_part_ids`)
+        try:
+            with fs.open(path, "rb") as handle:
+                return pq.read_schema(handle)
+        except DAMAGE_ERRORS:
+            continue
+    return None
 
 
 # Settings a job knows only once its GPUs are known: `model.dtype: auto` is resolved on the driver

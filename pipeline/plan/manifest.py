@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
-from pipeline.core.io import filesystem
+from pipeline.core.io import STORAGE_ERRORS, filesystem
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -168,9 +168,9 @@ def list_manifest_files(uri: str, storage: StorageConfig | None = None, *, sizes
     except ManifestError:
         raise
     except PermissionError as error:
-        raise StorageError(f"no permission to read the manifest {uri}: {error}") from None
-    except Exception as error:  # botocore's credential and bucket errors are not OSErrors
-        raise StorageError(f"cannot list the manifest {uri}: {type(error).__name__}: {error}") from None
+        raise StorageError(f"no permission to read the manifest {uri}: {error}") from error
+    except STORAGE_ERRORS as error:  # botocore's credential and bucket errors are not OSErrors
+        raise StorageError(f"cannot list the manifest {uri}: {type(error).__name__}: {error}") from error
     if sizes:
         return fs, root, files, [int(found[f].get("size") or 0) for f in files]
     return fs, root, files

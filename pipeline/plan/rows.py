@@ -56,6 +56,7 @@ from pipeline.plan.manifest import (
     read_row_group,
     row_problems,
 )
+from pipeline.plan.parts import DAMAGE_ERRORS, read_part_ids
 from pipeline.plan.schema import PassthroughSchema
 
 if TYPE_CHECKING:
@@ -203,12 +204,25 @@ def _settings_codes(chunks: list[np.ndarray]) -> tuple[list[Settings], np.ndarra
     return settings, codes.reshape(-1).astype(dtype)  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class DoneBatch:
+    """What a batch of committed parts tells the driver: its rows, and the parts that cannot be read."""
+
+    rows: int
+    damaged: tuple[tuple[str, str], ...] = ()  # (path, why)
+
+
 def read_done(output: str, storage: StorageConfig | None, paths: list[str], partitions: int) -> tuple[Any, ...]:
-    """The ids of a batch of committed metadata parts: their count, then `partitions` tables."""
+    """The ids of a batch of committed metadata parts: a DoneBatch, then `partitions` tables. A
+    damaged part (zero bytes, truncated) is skipped and named: its rows are pending again."""
     fs, _ = filesystem(output, storage)
-    ids = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["id"])
+    try:
+        ids = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["id"])
+        damaged: list[tuple[str, str]] = []
+    except DAMAGE_ERRORS:  # one part or more cannot be read: find which, reading them one by one
+        ids, damaged = read_part_ids(fs, paths)
     ids = ids.cast(pa.schema([("id", pa.string())]))
-    return (ids.num_rows, *split_by_partition(ids, "id", partitions))
+    return (DoneBatch(ids.num_rows, tuple(damaged)), *split_by_partition(ids, "id", partitions))
 
 
 def join_partition(
@@ -309,6 +323,7 @@ class RowPlan:
     done_rows: int
     committed_rows: int
     passthrough: pa.Schema
+    damaged_parts: list[tuple[str, str]] = field(default_factory=list)  # (path, why): committed, unreadable
 
     @property
     def files(self) -> list[str]:
@@ -448,6 +463,7 @@ def plan_rows(
     joined: list[JoinSummary] = executor.get([join[0] for join in joins])
     pending: list[list[FilePending]] = executor.get([finish[0] for finish in finishes])
     problems, count, columns = _problems(summaries, joined, keep_problems)
+    done_batches: list[DoneBatch] = executor.get([batch[0] for batch in done])
     return RowPlan(
         root=full_uri(fs, root),
         scans=summaries,
@@ -462,8 +478,9 @@ def plan_rows(
         problem_count=count,
         problem_columns=columns,
         done_rows=sum(j.done_rows for j in joined),
-        committed_rows=sum(executor.get([batch[0] for batch in done])),
+        committed_rows=sum(batch.rows for batch in done_batches),
         passthrough=passthrough.schema(),
+        damaged_parts=[part for batch in done_batches for part in batch.damaged],
     )
 
 

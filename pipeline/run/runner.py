@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +28,9 @@ from pipeline.core.layout import (
     read_json,
     write_json,
 )
+from pipeline.output.lease import OutputLease
 from pipeline.output.publish import publish
+from pipeline.output.runs import output_figures, write_run
 from pipeline.output.stats import JobStats, PartStats
 from pipeline.plan.executor import LocalExecutor, PlanExecutor, RayExecutor
 from pipeline.plan.job import (
@@ -39,6 +42,7 @@ from pipeline.plan.job import (
 )
 from pipeline.plan.ledger import check_fingerprint, clear_output, recorded_fingerprint, settings_fingerprint
 from pipeline.plan.manifest import list_manifest_files
+from pipeline.plan.parts import move_aside
 from pipeline.plan.rows import RowPlan
 from pipeline.run.builder import LIGHT_STAGE_CPUS, GeneratorPool, ModelActors, build_dataset, model_info
 from pipeline.run.crashes import watch_failed_stage, worker_death
@@ -189,6 +193,7 @@ def run_job(
     metrics_port: int | None = None,
     generate: ModelActors | None = None,
     on_part: Callable[[PartStats], None] | None = None,
+    takeover: bool = False,
 ) -> JobResult:
     """Render every unfinished row of the manifest into the output; returns where the results are.
 
@@ -199,18 +204,52 @@ def run_job(
 
     `generate`: model actors already loaded (`tune`), in place of the job's own pool; `config`
     then has its placement resolved. `on_part`: called with each part's stats record as it commits.
+
+    The job holds the output's lease from planning to its end (`output.lease`: one writer per
+    output); `takeover` takes it from a holder that is not known to be dead.
     """
     start = time.perf_counter()
     started_at = _now()
     check_job(config)  # the config's own mistakes stop it before Ray starts
+    fs, root = filesystem(config.output, config.storage)
+    command = "run --overwrite" if overwrite else "run"
+    with OutputLease(fs, root, command=command, expiry_s=config.write.lease_expiry_s, takeover=takeover) as lease:
+        return _run_holding(
+            config, lease, start=start, started_at=started_at, ray_address=ray_address, progress=progress,
+            overwrite=overwrite, metrics_port=metrics_port, generate=generate, on_part=on_part,
+        )  # fmt: skip
+
+
+def _run_holding(
+    config: JobConfig,
+    lease: OutputLease,
+    *,
+    start: float,
+    started_at: str,
+    ray_address: str | None,
+    progress: bool,
+    overwrite: bool,
+    metrics_port: int | None,
+    generate: ModelActors | None,
+    on_part: Callable[[PartStats], None] | None,
+) -> JobResult:
+    """`run_job`'s work, with the output's lease held."""
     executor = planning_executor(config, ray_address, metrics_port=metrics_port)
     job = plan_job(config, overwrite=overwrite, executor=executor)
     raise_for_bad_rows(job)
     plan = job.manifest
-    fs, root = filesystem(config.output, config.storage)
+    fs, root = lease.fs, lease.root
     previous = None if overwrite else read_json(fs, join(root, JOB_RECORD))
     if overwrite:
         clear_output(config)
+    elif plan.damaged_parts:  # unreadable committed parts: their rows were planned as pending
+        moved = move_aside(fs, root, plan.damaged_parts)
+        logger.warning(
+            "moved %d damaged committed part(s) aside to %s (%s): their rows are rendered again",
+            len(moved),
+            posixpath.dirname(moved[0]),
+            "; ".join(f"{posixpath.basename(path)}: {why}" for path, why in plan.damaged_parts[:5]),
+        )
     rejects = write_rejects(job)
     if plan.problem_count:
         logger.warning(
@@ -242,12 +281,16 @@ def run_job(
             config, job.manifest, remaining, stats, progress=progress, passthrough=job.passthrough,
             generate=generate or GeneratorPool(), on_part=on_part,
         )  # fmt: skip
+    lease.check()  # another writer took over: its unfinished files are not ours to remove
     _publish(config, job.output)
     wall = time.perf_counter() - start
     _warn_about_limits(stats)
     extra = _job_settings(job, config, rejects=len(rejects)) | {"started_at": started_at, "finished_at": _now()}
     record = stats.to_dict(wall_seconds=wall, manifest_rows=plan.total_rows, extra=extra)
-    write_json(fs, join(root, STATS_FILE), record)
+    if stats.totals.rows:  # a run that rendered nothing leaves the output's figures as they were
+        write_run(fs, root, record)
+        record["output"] = output_figures(fs, root)
+        write_json(fs, join(root, STATS_FILE), record)
     return JobResult(
         output=job.output,
         rows=stats.totals.rows,
@@ -273,7 +316,7 @@ def _publish(config: JobConfig, output: str) -> None:
         raise StorageError(
             f"the parts are committed, but writing the dataset card under {output} failed: "
             f"{type(error).__name__}: {error}. Rerun the same command to write it."
-        ) from None
+        ) from error
     if published is not None:
         logger.info("dataset card written: datasets.load_dataset(%r) reads the %d rows", output, published.rows)
 

@@ -15,6 +15,7 @@ from pipeline.core.io import (
     storage_options,
     temporary_path,
     write_bytes,
+    write_files,
 )
 
 
@@ -109,3 +110,67 @@ def test_a_failed_streamed_write_to_s3_leaves_no_object(s3_bucket: str, s3_env: 
         handle.write(b"y" * (6 << 20))
     fs.invalidate_cache()
     assert fs.size(target) == 6 << 20
+
+
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What `os.fsync` was called on: 'file' or 'folder'."""
+    import os
+    import stat
+
+    real = os.fsync
+    synced: list[str] = []
+
+    def fsync(descriptor: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file")
+        real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_local_writes_are_durable_file_then_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = _count_fsyncs(monkeypatch)
+    fs, root = filesystem(str(tmp_path / "out"))
+    write_bytes(fs, f"{root}/metadata/part-a.parquet", b"part")
+    assert synced == ["file", "folder"]  # the data, then the rename into its folder
+
+
+def test_many_images_are_written_atomically_and_each_folder_synced_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced = _count_fsyncs(monkeypatch)
+    fs, root = filesystem(str(tmp_path / "out"))
+    targets = {f"{root}/images/aa/1.png": b"1", f"{root}/images/aa/2.png": b"2", f"{root}/images/bb/3.png": b"3"}
+    write_files(fs, targets)
+    assert sorted(synced) == ["file"] * 3 + ["folder"] * 2
+    assert {path: Path(path).read_bytes() for path in targets} == targets
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_rerendered_image_killed_mid_write_leaves_the_old_image_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images used to be written in place: a kill mid-write left a truncated image that a
+    committed part listed. Now the old image stays until the new one is whole."""
+    import builtins
+
+    fs, root = filesystem(str(tmp_path / "out"))
+    image = f"{root}/images/aa/1.png"
+    write_files(fs, {image: b"the whole old image"})
+    real_open = builtins.open
+
+    class Killed(BaseException):
+        pass
+
+    def open_then_die(path: str, mode: str = "r", *args: object, **kwargs: object) -> object:
+        handle = real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+        if "w" in mode:
+            handle.write(b"the new ")
+            raise Killed
+        return handle
+
+    monkeypatch.setattr(builtins, "open", open_then_die)
+    with pytest.raises(Killed):
+        write_files(fs, {image: b"the new image, never finished"})
+    monkeypatch.undo()
+    assert Path(image).read_bytes() == b"the whole old image"

@@ -130,10 +130,12 @@ def loopback_cluster(
     worker_cpus: int = 1,
     worker_gpus: int = 1,
     worker_types: tuple[str | None, str | None] = (None, None),
+    workers: int = 2,
 ) -> Iterator[RayCluster]:
     """Head (no GPUs) + 2 GPU workers (`--num-gpus 1` each: logical GPUs, the actors run on CPU),
     stopped on exit. `head_env`, `worker_env`: extra variables for those nodes' processes;
-    `worker_cpus`, `worker_gpus`, `worker_types`: each worker's CPUs, GPUs and GPU type."""
+    `worker_cpus`, `worker_gpus`, `worker_types`: each worker's CPUs, GPUs and GPU type; `workers`:
+    how many of the two to start (0: the head alone, yielded as soon as `ray start --head` returns)."""
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -166,7 +168,7 @@ def loopback_cluster(
              f"--metrics-export-port={metrics[0]}", f"--temp-dir={ray_tmp}"],
             folder / "head.log", {**env, **(head_env or {})}, "Ray runtime started",
         ))  # fmt: skip
-        for n, kind in zip((1, 2), worker_types, strict=True):
+        for n, kind in list(zip((1, 2), worker_types, strict=True))[:workers]:
             start_worker(
                 cluster, f"worker-{n}", env=worker_env, metrics_port=metrics[n], cpus=worker_cpus, gpus=worker_gpus,
                 accelerator_type=kind,

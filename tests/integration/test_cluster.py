@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.run.telemetry import METRICS
 from tests.helpers import REPO, prompt_rows, read_metadata, run_cli, write_config, write_manifest
-from tests.integration.conftest import RayCluster
+from tests.integration.conftest import RayCluster, loopback_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +235,15 @@ def test_jobs_stop(tmp_path: Path, model_cache: Path, ray_cluster: RayCluster) -
         time.sleep(1)
         status = run_cli("jobs", "status", job_id, *address, env=ray_cluster.env).stdout
     assert "status     STOPPED" in status
+
+
+def test_submit_right_after_the_head_starts(tmp_path: Path, model_cache: Path) -> None:
+    """`ray start --head` returns before the head's dashboard and job agent answer ("No available
+    agent to submit job, please try again later"): submit retries, saying so, until they do."""
+    config = _job(tmp_path, model_cache, 2)
+    with loopback_cluster(tmp_path / "fresh", workers=0) as cluster:
+        submitted = run_cli("submit", str(config), "--address", cluster.dashboard, env=cluster.env)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "Submitted sdxl-batch-" in submitted.stdout
+    retries = [line for line in submitted.stderr.splitlines() if "is still starting" in line]
+    assert all("retrying in" in line for line in retries)

@@ -76,9 +76,12 @@ def test_driver_killed_then_rerun_resumes_exactly_once(tmp_path: Path, model_cac
     committed = _parts(output / "metadata") * ROWS_PER_PART
     report = run_cli("verify", str(output)).stdout
     orphans = int(report.split("orphans:")[1].split("(")[1].split()[0])  # "N (I images, ..."
+    # The killed driver's lease is left behind; its process is gone from this host, so it is stale.
+    assert "is gone from this host); the next writer takes it over" in report, report
 
-    rerun = run_cli("run", str(config), "--no-progress")
+    rerun = run_cli("run", str(config), "--no-progress")  # a plain rerun: no flag needed
     assert rerun.returncode == 0, rerun.stderr
+    assert "took over the lease on" in rerun.stderr and f"its process {process.pid} is gone" in rerun.stderr
     assert f"Resumed: {committed} of {ROWS} rows" in rerun.stdout
     assert f"Rendered {ROWS - committed} images" in rerun.stdout  # nothing committed is rendered again
     # Work lost to the kill: only uncommitted parts (images written, metadata not yet).

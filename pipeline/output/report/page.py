@@ -195,6 +195,7 @@ def render_report(contents: OutputContents) -> str:
     stages = stage_breakdown(total) if contents.records.parts else []
     stage_total = sum(seconds for _, seconds in stages) or 1.0
     rows = max(total.rows, 1)
+    whole = (contents.stats or {}).get("output") or {}
     return (
         environment()
         .get_template(TEMPLATE)
@@ -212,6 +213,8 @@ def render_report(contents: OutputContents) -> str:
             stages=[(name, seconds, 100 * seconds / stage_total, 1000 * seconds / rows) for name, seconds in stages],
             stages_plot=Markup(plot_stages(stages)) if stages else None,
             samples=_sample_cards(contents),
+            runs=whole.get("by_run") or [],
+            whole=whole,
             sample_total=contents.metadata_rows,
         )
     )
