@@ -98,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.core.io import filesystem
+    from pipeline.output.lease import describe_writer
     from pipeline.plan.job import SHOWN_PROBLEMS, check_job, plan_job
     from pipeline.run.runner import planning_executor
 
@@ -105,6 +107,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_job(config)
     job = plan_job(config, overwrite=args.overwrite, executor=planning_executor(config, ray_address()))
     print("\n".join(job.summary_lines()))
+    writer = describe_writer(*filesystem(config.output, config.storage))
+    if writer:  # `run` would be refused now (or would take a stale lease over)
+        print(f"note       {writer}")
     manifest = job.manifest
     if manifest.problem_count:
         shown = min(SHOWN_PROBLEMS, manifest.problem_count)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 ROWS = 8
 WIDTH = 1280
-SECTIONS = ["Summary", "Throughput over time", "Per actor", "Stage breakdown", "Sample images"]
+SECTIONS = ["Summary", "Runs", "Throughput over time", "Per actor", "Stage breakdown", "Sample images"]
 CHROME_ARGUMENTS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={WIDTH},2000",

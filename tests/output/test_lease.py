@@ -157,3 +157,21 @@ def test_an_unparsable_lease_counts_as_stale(tmp_path: Path) -> None:
     (output / "lease.json").write_bytes(b"")  # a power loss during its creation
     with _lease(str(output)) as lease:
         assert lease.took_over == "the lease does not parse"
+
+
+def test_validate_says_a_job_is_writing_and_run_is_refused_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+    from tests.helpers import prompt_rows, write_config, write_manifest
+
+    output = str(tmp_path / "out")
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(2))
+    config = write_config(tmp_path / "job.yaml", manifest=str(manifest), output=output, model={"preset": "tiny"})
+    with _lease(output):
+        assert main(["validate", str(config)]) == 0
+        assert "note       a job is writing this output: `run` (host " in capsys.readouterr().out
+        assert main(["run", str(config), "--no-progress"]) == 2
+        refused = capsys.readouterr().err
+        assert refused.startswith(f"error: the output {output} is being written by `run`")
+        assert "Traceback" not in refused

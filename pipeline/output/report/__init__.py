@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.errors import StorageError
 from pipeline.core.io import filesystem, full_uri, join, write_bytes
 from pipeline.core.layout import REPORT_FILE
+from pipeline.output.lease import describe_writer
 from pipeline.output.report.figures import (
     PartsDigest,
     actor_summaries,
@@ -55,10 +56,11 @@ def write_report(output: str, storage: StorageConfig | None = None, *, samples: 
     """
     fs, root = filesystem(output, storage)
     contents = read_output(fs, root, output, samples=samples)
+    contents.writer = describe_writer(fs, root)  # a job writing now: its figures are still moving
     html = render_report(contents)
     path = join(root, REPORT_FILE)
     try:
         write_bytes(fs, path, html.encode("utf-8"))
     except OSError as error:
-        raise StorageError(f"cannot write the report to {full_uri(fs, path)}: {error}") from None
+        raise StorageError(f"cannot write the report to {full_uri(fs, path)}: {error}") from error
     return full_uri(fs, path)

@@ -186,6 +186,8 @@ def render_report(contents: OutputContents) -> str:
     from markupsafe import Markup
 
     figures, notes = summary_figures(contents)
+    if contents.writer:
+        notes.insert(0, contents.writer[0].upper() + contents.writer[1:] + ".")
     groups = summary_groups(figures)
     shown = dict(item for _, items in groups for item in items)
     labels = {key: label for _, label, key, _ in SUMMARY_FIELDS}

@@ -56,6 +56,7 @@ class OutputContents:
     metadata_parts: int
     samples: list[dict[str, Any]] = field(default_factory=list)  # metadata rows, sorted by id
     images: list[bytes | None] = field(default_factory=list)  # the samples' images (None: unreadable)
+    writer: str | None = None  # a job holding the output's lease as the report is read (`output.lease`)
 
 
 def read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int) -> OutputContents:
@@ -66,7 +67,7 @@ def read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int)
         raise StorageError(
             f"cannot read the output {output}: {type(error).__name__}: {error} (`sdxl-batch verify {output}` "
             "checks every part)"
-        ) from None
+        ) from error
 
 
 def _read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int) -> OutputContents:

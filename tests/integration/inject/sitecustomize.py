@@ -146,9 +146,9 @@ def _patch_writer(module: ModuleType) -> None:
         if "/metadata/part-" in path and _commit_ordinal() == int(KILL_AT_COMMIT or 0):
             sys.stderr.write(f"sdxl-batch tests: killing the job before committing {path}\n")
             sys.stderr.flush()
-            if os.environ.get("SDXL_BATCH_TEST_KILL_DURING") and not module.is_remote_fs(fs):
-                from pipeline.core.io import temporary_path
+            from pipeline.core.io import is_remote_fs, temporary_path
 
+            if os.environ.get("SDXL_BATCH_TEST_KILL_DURING") and not is_remote_fs(fs):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(temporary_path(path), "wb") as half:
                     half.write(data[: len(data) // 2])
