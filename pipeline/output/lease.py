@@ -24,6 +24,7 @@ when a job is writing (`describe_writer`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -129,6 +130,7 @@ class OutputLease:
         self.took_over: str | None = None  # why, when this lease replaced a dead writer's
         self.lost_to: LeaseRecord | None = None  # set by the heartbeat: another writer took the output
         self._record: LeaseRecord | None = None
+        self._created_root = False  # a local output folder made for the lease: removed with it if still empty
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -174,6 +176,9 @@ class OutputLease:
         try:
             if self._is_ours():
                 self.fs.rm(self.path)
+            if self._created_root:  # a job refused before writing anything leaves no folder behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.root)
         except STORAGE_ERRORS as error:  # the next writer finds it stale (pid gone, or expired)
             logger.warning("could not release the lease %s: %s", self.uri, error)
         self._record = None
@@ -206,7 +211,9 @@ class OutputLease:
             if is_remote_fs(self.fs):
                 self.fs.pipe_file(self.path, data, mode="create")  # PUT with If-None-Match: *
             else:
-                os.makedirs(self.root, exist_ok=True)
+                if not os.path.isdir(self.root):
+                    os.makedirs(self.root, exist_ok=True)
+                    self._created_root = True
                 descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 with os.fdopen(descriptor, "wb") as handle:
                     handle.write(data)

@@ -68,6 +68,8 @@ def test_a_second_writer_is_refused_with_who_holds_the_output(output: str) -> No
     assert _record(output) is None  # released
     with _lease(output):  # and free again
         pass
+    if "://" not in output:
+        assert not Path(output).exists()  # the folder made for the lease alone is gone with it
 
 
 def test_of_writers_racing_for_an_empty_output_exactly_one_wins(output: str) -> None:
