@@ -267,6 +267,11 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.3f}" if value >= GIB / 100 else f"{value / 2**20:.1f} MiB"
 
 
+def _seconds(value: float) -> str:
+    """Two decimals, or three significant digits under 0.1 s (a tiny checkpoint reads in a millisecond)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
+
+
 def table(rows: list[tuple[Method, dict[str, float]]], checkpoint_bytes: int) -> list[str]:
     read = next(r for m, r in rows if m.kind == "read-pread")
     lines = [
@@ -282,7 +287,7 @@ def table(rows: list[tuple[Method, dict[str, float]]], checkpoint_bytes: int) ->
         memory_ok = " / ".join("yes" if x <= MEMORY_TARGET else "**no**" for x in (rss, anon)) if loads else ""
         lines.append(
             f"| {method.label} | {method.dtype if loads else 'as stored'} | {method.device} | {int(r['runs'])} "
-            f"| {r['seconds']:.2f} | {ratio:.2f} | {r['cpu_seconds']:.2f} | {cpu_ratio:.2f} | {_gib(r['peak_rss'])} "
+            f"| {_seconds(r['seconds'])} | {ratio:.2f} | {_seconds(r['cpu_seconds'])} | {cpu_ratio:.2f} | {_gib(r['peak_rss'])} "
             f"| {rss:.2f} | {_gib(r['peak_anon'])} | {anon:.2f} | {time_ok} | {memory_ok} |"
         )
     return lines
