@@ -287,8 +287,8 @@ def table(rows: list[tuple[Method, dict[str, float]]], checkpoint_bytes: int) ->
         memory_ok = " / ".join("yes" if x <= MEMORY_TARGET else "**no**" for x in (rss, anon)) if loads else ""
         lines.append(
             f"| {method.label} | {method.dtype if loads else 'as stored'} | {method.device} | {int(r['runs'])} "
-            f"| {_seconds(r['seconds'])} | {ratio:.2f} | {_seconds(r['cpu_seconds'])} | {cpu_ratio:.2f} | {_gib(r['peak_rss'])} "
-            f"| {rss:.2f} | {_gib(r['peak_anon'])} | {anon:.2f} | {time_ok} | {memory_ok} |"
+            f"| {_seconds(r['seconds'])} | {ratio:.2f} | {_seconds(r['cpu_seconds'])} | {cpu_ratio:.2f} "
+            f"| {_gib(r['peak_rss'])} | {rss:.2f} | {_gib(r['peak_anon'])} | {anon:.2f} | {time_ok} | {memory_ok} |"
         )
     return lines
 

@@ -23,6 +23,7 @@ benchmarks/results/verify_scale.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -72,7 +73,8 @@ def _metadata(ids: list[str], paths: list[str], members: list[str | None]) -> pa
         "tar_member": members, "sha256": [PNG_SHA] * n, "bytes": [len(PNG)] * n, "prompt_tokens": [8] * n,
         "prompt_truncated": [False] * n, "negative_prompt_truncated": [False] * n, "render_batch_size": [8] * n,
         "generation_seconds": [0.1] * n, "encode_seconds": [0.01] * n, "peak_memory_mb": [100.0] * n,
-        "node": ["node-1"] * n, "actor": ["actor-1"] * n,
+        "node": ["node-1"] * n, "actor": ["actor-1"] * n, "accelerator_type": ["CPU"] * n,
+        "dtype": ["float32"] * n, "vae": ["sdxl"] * n, "attention": ["sdpa"] * n,
     }  # fmt: skip
     schema = metadata_schema(pa.schema([]))
     return pa.table({name: pa.array(columns[name], schema.field(name).type) for name in schema.names}, schema=schema)
@@ -135,20 +137,48 @@ def build_manifest(manifest: Path, out: Path, rows: int) -> None:
         pq.write_table(rejects, out / "rejects" / f"{safe_name(path.stem)}.parquet")
 
 
-def measure(argv: list[str], code: str | None) -> tuple[float, float, str]:
-    """Run `python -m pipeline.cli ARGV` (or `python -c`), return wall seconds, peak RSS MiB, stdout."""
+def measure(argv: list[str], code: str | None) -> tuple[float, float, float, str]:
+    """Run `python -m pipeline.cli ARGV` (or `python -c`): wall seconds, the process's own peak RSS
+    (VmHWM, read every 0.2 s), the peak of the summed RSS of it and every process under it (an
+    embedded Ray's GCS, raylet and workers), in MiB, and its stdout."""
+    import threading
+
+    import psutil
+
     env = dict(os.environ)
     if code:  # ahead of the editable install's finder; the current folder would come first
         env["PYTHONPATH"] = code
     start = time.perf_counter()
     process = subprocess.Popen([PYTHON, *argv], cwd=code or REPO, env=env, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
+    peaks = {"own": 0.0, "tree": 0.0}
+
+    def sample() -> None:
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                with open(f"/proc/{process.pid}/status") as status:
+                    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+                peaks["own"] = max(peaks["own"], hwm / 1024)
+                tree = [root, *root.children(recursive=True)]
+                total = 0
+                for member in tree:
+                    with contextlib.suppress(psutil.Error):
+                        total += member.memory_info().rss
+                peaks["tree"] = max(peaks["tree"], total / 2**20)
+            except (OSError, StopIteration, psutil.Error):
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    returncode = process.wait()
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    sampler.join()
+    if returncode != 0:
         sys.exit(f"{argv} failed:\n{stdout[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, stdout
+    return wall, max(peaks["own"], 0.0), peaks["tree"], stdout
 
 
 PUBLISH = (
@@ -159,7 +189,7 @@ PUBLISH = (
 
 
 def run_size(
-    work: Path, rows: int, per_part: int, layout: str, code: str | None, label: str, only: set[str]
+    work: Path, rows: int, per_part: int, layout: str, code: str | None, label: str, only: set[str], sample: float
 ) -> list[str]:
     out, manifest = work / f"{layout}-{rows}" / "out", work / f"{layout}-{rows}" / "manifest"
     if not (out / "job.json").exists():
@@ -170,18 +200,22 @@ def run_size(
     parts = len(list((out / "metadata").iterdir()))
     lines = []
     commands = {
-        "verify --manifest": ["-m", "pipeline.cli", "verify", str(out), "--manifest", str(manifest)],
+        "verify --manifest": ["-m", "pipeline.cli", "verify", str(out), "--manifest", str(manifest)]
+        + (["--sample", str(sample)] if sample < 1 else []),
         "report": ["-m", "pipeline.cli", "report", str(out)],
         "publish": ["-c", PUBLISH, str(out), layout],
     }
     for what, argv in commands.items():
         if what.split()[0] not in only:
             continue
-        wall, peak, stdout = measure(argv, code)
+        wall, peak, tree, stdout = measure(argv, code)
         if what.startswith("verify"):
             assert "OK: every row exactly once" in stdout and f"rejected rows:    {BAD_ROWS}" in stdout, stdout
-        print(f"{label} {layout} {rows:,} {what}: {wall:.1f} s, {peak:.0f} MiB", flush=True)
-        lines.append(f"| {label} | {layout} | {rows:,} | {parts:,} | `{what}` | {wall:.1f} s | {peak:.0f} MiB |")
+            what += f" --sample {sample}" if sample < 1 else ""
+        print(f"{label} {layout} {rows:,} {what}: {wall:.1f} s, {peak:.0f} MiB, all {tree:.0f} MiB", flush=True)
+        lines.append(
+            f"| {label} | {layout} | {rows:,} | {parts:,} | `{what}` | {wall:.1f} s | {peak:.0f} MiB | {tree:.0f} MiB |"
+        )
     return lines
 
 
@@ -194,14 +228,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdxl-batch-verify-scale"))
     parser.add_argument("--publish-files", type=int, default=0, help="rows of a files-layout output (0: none)")
     parser.add_argument("--commands", default="verify,report,publish", help="which to measure")
+    parser.add_argument("--sample", type=float, default=1.0, help="verify's --sample (1: every sha256)")
     args = parser.parse_args()
     only = set(args.commands.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     lines = []
     for rows in (int(r) for r in args.rows.split(",") if r):
-        lines += run_size(args.work, rows, args.rows_per_part, "webdataset", args.code, args.label, only)
+        lines += run_size(args.work, rows, args.rows_per_part, "webdataset", args.code, args.label, only, args.sample)
     if args.publish_files:
-        lines += run_size(args.work, args.publish_files, args.rows_per_part, "files", args.code, args.label, only)
+        lines += run_size(
+            args.work, args.publish_files, args.rows_per_part, "files", args.code, args.label, only, args.sample
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = RESULTS / "verify_scale.md"
     if not results.exists():
@@ -209,8 +246,8 @@ def main() -> None:
             f"verify, report and publish at scale ({os.cpu_count()} CPUs, local disk); "
             f"`benchmarks/verify_scale.py`, {args.rows_per_part} rows per part",
             "",
-            "| code | layout | rows | parts | command | wall time | peak resident memory |",
-            "|---|---|---:|---:|---|---:|---:|",
+            "| code | layout | rows | parts | command | wall time | driver peak RSS | all processes' peak RSS |",
+            "|---|---|---:|---:|---|---:|---:|---:|",
         ]
         results.write_text("\n".join(header) + "\n")
     with results.open("a") as handle:

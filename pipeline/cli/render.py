@@ -46,7 +46,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     verify = commands.add_parser(
         "verify",
         help="check an output: every row exactly once, images present with matching sha256",
-        description="Exit status 0 when the output is complete and consistent, 1 when it is not.",
+        description=(
+            "Exit status 0 when the output is complete and consistent, 1 when it is not. A large output (or any, "
+            "with RAY_ADDRESS set) is checked by Ray tasks where the data is: on the cluster, or an embedded Ray."
+        ),
     )
     verify.add_argument("output", help="output prefix to check (local or s3://)")
     verify.add_argument("--manifest", help="also check that exactly the manifest's ids are present")
@@ -57,8 +60,26 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="remove the objects of interrupted parts (tars, images, stats records, temporary files that no "
         "committed part lists); never while a job writes into the output. Every job's end does the same.",
     )
+    verify.add_argument(
+        "--sample",
+        type=_fraction,
+        default=1.0,
+        metavar="FRACTION",
+        help="check the sha256 of a random FRACTION of the images (e.g. 0.01); every image's presence and size "
+        "are checked whatever it is (default: 1, every sha256)",
+    )
     _add_takeover(verify, note=" (with --clean)")
     verify.set_defaults(handler=cmd_verify)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]: e.g. 0.01 checks 1% of the hashes")
+    return value
 
 
 def _add_takeover(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -125,9 +146,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.output.verify import verify_output
+    from pipeline.run.runner import output_executor
 
+    address = ray_address()
     report = verify_output(
-        args.output, manifest=args.manifest, storage=storage_config(args), clean=args.clean, takeover=args.takeover
+        args.output,
+        manifest=args.manifest,
+        storage=storage_config(args),
+        clean=args.clean,
+        takeover=args.takeover,
+        sample=args.sample,
+        executor=lambda parts: output_executor(parts, address),
     )
     print(report.summary())
     return 0 if report.ok else 1

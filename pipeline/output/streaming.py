@@ -1,14 +1,14 @@
 """Passes over every part of an output in bounded memory: `verify`, `report` and `publish` at 100M rows.
 
 A 100-million-row output has some 200,000 parts; its ids alone take gigabytes as Arrow and far
-more as Python strings. These commands therefore read the parts once, in a thread pool (object
-stores answer faster in parallel) that keeps only a window of parts in flight (`bounded_map`), and
-hold O(parts) at most: a path per part, never a value per row. What must be joined over every row
-(duplicate ids, the manifest's ids against the output's, the images a listing holds against the
-ones the metadata names) is spilled to local temporary Arrow IPC files split by a partition key
-(`PartitionedSpill`: ids by `core.partition`'s hash, image paths by their image folder), then
-joined one partition at a time, so memory is a partition's worth whatever the output's size.
-Temporary disk: a few GB per 100M rows (lz4-compressed ids and paths), under `TMPDIR`.
+more as Python strings. These commands therefore read the parts in a thread pool (object stores
+answer faster in parallel) that keeps only a window of parts in flight (`bounded_map`), and hold
+O(parts) at most: a path per part, never a value per row. `verify` joins its ids on the cluster
+(`output.checks`); the images a listing holds against the ones the metadata names (the files
+layout's orphans) are spilled to local temporary Arrow IPC files split by image folder
+(`PartitionedSpill`) and compared one folder group at a time, so memory is a group's worth
+whatever the output's size. Temporary disk: a few GB per 100M rows of the files layout, under
+`TMPDIR`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.layout import IMAGES_DIR, SHARD_HEX_DIGITS
-from pipeline.core.partition import partition_of
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -35,8 +34,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 THREADS = 16  # parts (or images) read at once: object stores answer faster in parallel
-ROWS_PER_PARTITION = 1_000_000  # ids joined at once: some 100 MiB of Arrow and hash tables
-MAX_PARTITIONS = 256  # open spill files per spill, well under the usual 1024 file descriptors
 FLUSH_ROWS = 1 << 18  # rows buffered before a spill splits and writes them
 _IPC = pa.ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4") else None)
 
@@ -57,11 +54,6 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], *, threads: int = THRE
         finally:  # an error, or a consumer that stops early: drop what has not started
             for future in pending:
                 future.cancel()
-
-
-def partitions_for(rows: int) -> int:
-    """Partitions for a join over `rows` ids: about ROWS_PER_PARTITION each, at most MAX_PARTITIONS."""
-    return max(1, min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION)))
 
 
 def read_columns(fs: AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
@@ -92,16 +84,6 @@ class PartitionedSpill:
         self._writers: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = {}
         self._buffer: list[pa.Table] = []
         self._buffered = 0
-
-    @classmethod
-    def by_hash(cls, directory: str, schema: pa.Schema, *, key: str, partitions: int) -> PartitionedSpill:
-        """Rows split by `core.partition`'s hash of their `key` column: equal keys, one partition."""
-        return cls(
-            directory,
-            schema,
-            partitions=partitions,
-            partition_of_rows=lambda t: partition_of(t.column(key), partitions),
-        )
 
     def append(self, table: pa.Table) -> None:
         if table.num_rows:

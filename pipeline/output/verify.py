@@ -1,71 +1,85 @@
 """`sdxl-batch verify`: check an output against the exactly-once contract.
 
-Every metadata row must point to an image that exists and whose sha256 and size match; no id
-may appear twice; every metadata part must have the same schema (readers glob them); with a
-manifest, every manifest id must be present and no other. Objects that no committed part lists
-(images, tars, stats records, temporary files of interrupted writes) are orphans of interrupted
-parts (`output.orphans`): counted and reported, never counted as output; `clean` removes them.
+Every metadata row must point to an image that exists and whose size and sha256 match (`--sample
+FRACTION`: the sha256 of a random fraction, the size of all); no id may appear twice; every
+metadata part must have the same schema (readers glob them) and be readable; with a manifest,
+every manifest id must be present and no other. Objects that no committed part lists (images,
+tars, stats records, temporary files of interrupted writes) are orphans of interrupted parts
+(`output.orphans`): counted and reported, never counted as output; `clean` removes them.
 
-Scale: memory stays bounded whatever the output's size (`output.streaming`). The parts are read
-once, 16 at a time; each part's images (or tar members) are checked as it is read, and only the
-problems found are kept (a count and the first few of each kind). Ids, manifest ids and image
-paths go to local temporary files split into partitions, and duplicates, the manifest's ids
-against the output's, and the image listing against the metadata are each joined a partition
-at a time.
+Scale: the checks run where the data is, as planning does (`output.checks`: Ray tasks over
+groups of parts on a cluster, or calls in this process for a small output), and the driver holds
+O(parts): a path per part and the problems found (a count and the first few of each kind).
 """
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import posixpath
-import tarfile
+import random
 import tempfile
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.io import filesystem, is_temporary_name, join
 from pipeline.core.layout import REJECTS_DIR, committed_parts
+from pipeline.output.checks import (
+    DUPLICATE,
+    IMAGE_MISMATCH,
+    IMAGE_MISSING,
+    MANIFEST_MISSING,
+    MAX_LISTED,
+    NOT_IN_MANIFEST,
+    ORDER,
+    UNREADABLE_TAR,
+    CheckHandles,
+    Findings,
+    ManifestHandles,
+    PartsCheck,
+    check_parts,
+    join_ids,
+    manifest_partitions,
+    rejects_naming,
+)
 from pipeline.output.lease import OutputLease, describe_writer
-from pipeline.output.manifest_ids import ManifestFile, manifest_files, manifest_ids
+from pipeline.output.manifest_ids import ManifestFile, manifest_files
 from pipeline.output.orphans import Orphans, find_orphans, remove_orphans
-from pipeline.output.streaming import ImageReferences, PartitionedSpill, bounded_map, partitions_for, read_columns
-from pipeline.plan.parts import DAMAGE_ERRORS
+from pipeline.output.streaming import ImageReferences
+from pipeline.plan.executor import LocalExecutor, PlanExecutor
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
     from pipeline.core.config import StorageConfig
 
-MAX_LISTED = 10
-_COLUMNS = ["id", "image_path", "tar_member", "sha256", "bytes"]
-_CHUNK = 1 << 20  # bytes hashed at once from a tar member
-# Problem kinds in the order the summary lists them.
+__all__ = [
+    "DAMAGED_PROBLEM", "DUPLICATE", "IMAGE_MISMATCH", "IMAGE_MISSING", "MANIFEST_MISSING", "NOT_IN_MANIFEST",
+    "SCHEMA_PROBLEM", "UNREADABLE_TAR", "VerifyReport", "verify_output",
+]  # fmt: skip
+
 SCHEMA_PROBLEM = "metadata part with another schema than"
 DAMAGED_PROBLEM = (
     "damaged committed part (cannot be read; `sdxl-batch run` moves it aside to damaged/ and renders its rows again)"
 )
-DUPLICATE = "duplicate id"
-UNREADABLE_TAR = "unreadable tar shard"
-IMAGE_MISSING = "image missing"
-IMAGE_MISMATCH = "image sha256 or size mismatch"
-MANIFEST_MISSING = "manifest id missing from the output"
-NOT_IN_MANIFEST = "output id not in the manifest"
-_ORDER = [DUPLICATE, UNREADABLE_TAR, IMAGE_MISSING, IMAGE_MISMATCH, MANIFEST_MISSING, NOT_IN_MANIFEST]
+ROWS_PER_JOIN = 4_000_000  # ids joined by one task (some 500 MiB of Arrow and hash tables, on a worker)
+MAX_PARTITIONS = 256
+MIN_PARTS_PER_TASK = 16  # parts checked by one task, at least
+# Ids in each table a task returns per partition, at least: Ray keeps a task's results under 100 KiB
+# in the memory of the process that submitted it (the driver) and larger ones in the object store
+# of the node that made them. Tables this large keep the ids off the driver (a 10M-row verify's
+# driver grew by 370 MiB with tables of 5,000 ids).
+MIN_IDS_PER_TABLE = 16_384
+ExecutorFor = Callable[[int], PlanExecutor]  # the executor for an output of that many parts
 
 
 @dataclass
 class VerifyReport:
     rows: int = 0
     parts: int = 0
-    checked_images: int = 0
+    checked_images: int = 0  # presence and size
+    hashed_images: int = 0  # of which the sha256 too
+    sample: float = 1.0
+    seed: int | None = None  # what picked the sample (`--sample` below 1)
     orphans: Orphans = field(default_factory=Orphans)
     cleaned: bool = False
     manifest_rows: int | None = None
@@ -86,11 +100,19 @@ class VerifyReport:
             more = f" (+{count - len(shown)} more)" if count > len(shown) else ""
             self.problems.append(f"{kind} ({count}): {', '.join(shown)}{more}")
 
+    def _images(self) -> str:
+        if self.hashed_images == self.checked_images:
+            return f"{self.checked_images} (sha256 and size)"
+        return (
+            f"{self.checked_images} (size; sha256 of {self.hashed_images}, a random {self.sample:.2%} sample, "
+            f"seed {self.seed})"
+        )
+
     def summary(self) -> str:
         lines = [f"note: {self.writer}"] if self.writer else []
         lines += [
             f"rows in metadata: {self.rows} in {self.parts} parts",
-            f"images checked:   {self.checked_images} (sha256 and size)",
+            f"images checked:   {self._images()}",
             f"orphans:          {self.orphans.describe()}: from interrupted parts, not counted"
             + ("; removed" if self.cleaned else "; `verify --clean` removes them" if self.orphans.count else ""),
         ]
@@ -100,233 +122,6 @@ class VerifyReport:
         lines.append("OK: every row exactly once" if self.ok else "PROBLEMS:")
         lines.extend(f"  - {problem}" for problem in self.problems)
         return "\n".join(lines)
-
-
-class Findings:
-    """Problems found part by part or partition by partition: per kind, how many, and the
-    MAX_LISTED smallest items, so a broken output costs no more memory than a sound one."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = defaultdict(int)
-        self.shown: dict[str, list[str]] = defaultdict(list)
-
-    def add(self, kind: str, items: Iterable[Any], count: int | None = None) -> None:
-        listed = [str(item) for item in items]
-        self.counts[kind] += len(listed) if count is None else count
-        self.shown[kind] = heapq.nsmallest(MAX_LISTED, [*self.shown[kind], *listed])
-
-    def merge(self, other: Findings) -> None:
-        for kind, count in other.counts.items():
-            self.add(kind, other.shown[kind], count=count)
-
-    def report_to(self, report: VerifyReport) -> None:
-        for kind in sorted(self.counts, key=lambda k: _ORDER.index(k) if k in _ORDER else -1):
-            report.add_counted(kind, self.counts[kind], self.shown[kind])
-
-
-def _fingerprint(data: bytes) -> tuple[str, int]:
-    return hashlib.sha256(data).hexdigest(), len(data)
-
-
-def _stream_fingerprint(handle: IO[bytes]) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := handle.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def _read_fingerprint(fs: Any, path: str) -> tuple[str, int] | None:
-    try:
-        return _fingerprint(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-
-
-@dataclass
-class _Part:
-    """What one part contributes: its ids and the files layout's image paths (to spill), its
-    tars, and the problems its images have."""
-
-    ids: pa.ChunkedArray
-    images: pa.ChunkedArray
-    tars: set[str]
-    findings: Findings
-
-
-def _check_part(fs: AbstractFileSystem, root: str, path: str) -> _Part:
-    table = read_columns(fs, path, _COLUMNS)
-    members = table.column("tar_member")
-    in_tar = pc.fill_null(pc.and_(pc.is_valid(members), pc.not_equal(members, "")), False)
-    files, tars = table.filter(pc.invert(in_tar)), table.filter(in_tar)
-    findings = Findings()
-    _check_files(fs, root, files.to_pylist(), findings)
-    _check_tars(fs, root, tars.to_pylist(), findings)
-    return _Part(table.column("id"), files.column("image_path"), set(tars.column("image_path").to_pylist()), findings)
-
-
-def _check_files(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]], findings: Findings) -> None:
-    missing, wrong = [], []
-    for row in rows:
-        got = _read_fingerprint(fs, join(root, row["image_path"]))
-        if got is None:
-            missing.append(row["id"])
-        elif got != (row["sha256"], row["bytes"]):
-            wrong.append(row["id"])
-    findings.add(IMAGE_MISSING, missing)
-    findings.add(IMAGE_MISMATCH, wrong)
-
-
-def _check_tars(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]], findings: Findings) -> None:
-    by_tar: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_tar[row["image_path"]].append(row)
-    missing: list[str] = []
-    wrong: list[str] = []
-    for tar_path, members in by_tar.items():
-        try:
-            found = _tar_fingerprints(fs, join(root, tar_path), {r["tar_member"] for r in members})
-        except FileNotFoundError:
-            missing.extend(r["id"] for r in members)
-            continue
-        except tarfile.TarError:
-            findings.add(UNREADABLE_TAR, [tar_path])
-            wrong.extend(r["id"] for r in members)
-            continue
-        for row in members:
-            got = found.get(row["tar_member"])
-            if got is None:
-                missing.append(row["id"])
-            elif got != (row["sha256"], row["bytes"]):
-                wrong.append(row["id"])
-    findings.add(IMAGE_MISSING, missing)
-    findings.add(IMAGE_MISMATCH, wrong)
-
-
-def _tar_fingerprints(fs: AbstractFileSystem, path: str, wanted: set[str]) -> dict[str, tuple[str, int]]:
-    """The fingerprint of each `wanted` member, the tar read as a stream (a member at a time: a
-    shard can be gigabytes). A name held twice counts as its last copy, as extraction would."""
-    found: dict[str, tuple[str, int]] = {}
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for info in tar:
-            if info.name in wanted and info.isfile():
-                member = tar.extractfile(info)
-                if member is not None:
-                    found[info.name] = _stream_fingerprint(member)
-    return found
-
-
-def _footers(fs: AbstractFileSystem, paths: list[str], report: VerifyReport) -> list[str]:
-    """Row counts, and every part's schema against the first's: globbing readers (DuckDB,
-    Polars, pyarrow, Hugging Face) drop columns or fail on parts that differ. Returns the parts
-    that read; the others are reported as damaged (`plan.parts`)."""
-
-    def footer(path: str) -> tuple[pa.Schema, int] | str:
-        try:
-            with fs.open(path, "rb") as handle:
-                metadata = pq.read_metadata(handle)
-        except FileNotFoundError:
-            raise
-        except DAMAGE_ERRORS as error:
-            return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        return metadata.schema.to_arrow_schema().remove_metadata(), metadata.num_rows
-
-    first: pa.Schema | None = None
-    differ: list[str] = []
-    damaged: list[str] = []
-    readable: list[str] = []
-    for path, found in zip(paths, bounded_map(footer, paths), strict=True):
-        if isinstance(found, str):
-            damaged.append(f"{posixpath.basename(path)} ({found})")
-            continue
-        schema, rows = found
-        first = schema if first is None else first
-        report.rows += rows
-        readable.append(path)
-        if not schema.equals(first):
-            differ.append(posixpath.basename(path))
-    report.parts = len(readable)
-    report.add(DAMAGED_PROBLEM, damaged)
-    if readable:
-        report.add(f"{SCHEMA_PROBLEM} {posixpath.basename(readable[0])}", differ)
-    return readable
-
-
-class _RejectedRows:
-    """The manifest rows rejects/ lists (file, row): skipped, so not missing. Held for one
-    manifest file at a time, as the manifest's ids stream past in file order."""
-
-    def __init__(self, fs: AbstractFileSystem, root: str):
-        self.fs = fs
-        self.sources: dict[str, list[str]] = defaultdict(list)  # manifest file -> rejects files naming it
-        folder = join(root, REJECTS_DIR)
-        paths = [p for p in (fs.find(folder) if fs.exists(folder) else []) if _is_rejects_file(p)]
-        for path, files in zip(paths, bounded_map(self._files_named, paths), strict=True):
-            for file in files:
-                self.sources[file].append(path)
-        self._current: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
-        self.count = 0
-
-    def _files_named(self, path: str) -> list[str]:
-        with self.fs.open(path, "rb") as handle:
-            return [f for f in pc.unique(pq.read_table(handle, columns=["file"]).column("file")).to_pylist() if f]
-
-    def rows(self, index: int, file: ManifestFile) -> np.ndarray:
-        """The rejected rows of manifest file `index` (sorted, within the file's rows)."""
-        if self._current[0] != index:
-            rows = [np.empty(0, np.int64)]
-            for path in self.sources.get(file.uri, []):
-                with self.fs.open(path, "rb") as handle:
-                    table = pq.read_table(handle, columns=["file", "row"])
-                table = table.filter(pc.equal(table.column("file"), file.uri))
-                rows.append(np.asarray(pc.drop_null(table.column("row")).to_numpy(), dtype=np.int64))
-            found = np.unique(np.concatenate(rows))
-            found = found[(found >= 0) & (found < file.rows)]
-            self._current = (index, found)
-            self.count += len(found)
-        return self._current[1]
-
-
-def _is_rejects_file(path: str) -> bool:
-    name = posixpath.basename(path)
-    return name.endswith(".parquet") and not name.startswith((".", "_")) and not is_temporary_name(name)
-
-
-_ID_SCHEMA = pa.schema([("id", pa.string())])
-_MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("rejected", pa.bool_())])
-
-
-def _spill_manifest(
-    fs: AbstractFileSystem,
-    files: list[ManifestFile],
-    rejects: _RejectedRows,
-    spill: PartitionedSpill,
-    report: VerifyReport,
-) -> None:
-    """Every manifest id (`fs`: the manifest's filesystem), flagged where rejects/ lists its
-    row, into `spill`."""
-    for chunk in manifest_ids(fs, files):
-        rejected = rejects.rows(chunk.file, files[chunk.file])
-        rows = np.arange(chunk.row_offset, chunk.row_offset + len(chunk.ids))
-        flags = np.isin(rows, rejected, assume_unique=True) if len(rejected) else np.zeros(len(rows), dtype=bool)
-        spill.append(pa.table({"id": chunk.ids, "rejected": flags}, schema=_MANIFEST_SCHEMA))
-    spill.close()
-    report.manifest_rows = sum(f.rows for f in files)
-    report.rejected_rows = rejects.count
-
-
-def _join_partition(ids: pa.Array, manifest: pa.Table | None, findings: Findings) -> None:
-    """Duplicates among one partition's output ids; with the manifest's ids of the same
-    partition, the ones missing on either side."""
-    counts = pc.value_counts(ids)
-    findings.add(DUPLICATE, pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist())
-    if manifest is None:
-        return
-    present = pc.unique(ids)
-    wanted = manifest.column("id").combine_chunks()
-    missing = pc.and_(pc.invert(manifest.column("rejected")), pc.invert(pc.is_in(wanted, value_set=present)))
-    findings.add(MANIFEST_MISSING, pc.filter(wanted, missing).to_pylist())
-    findings.add(NOT_IN_MANIFEST, pc.filter(present, pc.invert(pc.is_in(present, value_set=wanted))).to_pylist())
 
 
 def _orphans(
@@ -345,25 +140,6 @@ def _orphans(
         report.cleaned = True
 
 
-def _scan_parts(
-    fs: AbstractFileSystem, root: str, paths: list[str], *, scratch: str, partitions: int, report: VerifyReport,
-    findings: Findings,
-) -> tuple[PartitionedSpill, ImageReferences, set[str]]:  # fmt: skip
-    """Read every part once, checking its images; spill its ids and image paths."""
-    ids = PartitionedSpill.by_hash(join(scratch, "ids"), _ID_SCHEMA, key="id", partitions=partitions)
-    images = ImageReferences(join(scratch, "images"))
-    tars: set[str] = set()
-    for part in bounded_map(lambda path: _check_part(fs, root, path), paths):
-        ids.append(pa.table({"id": part.ids}))
-        images.add(part.images)
-        tars |= part.tars
-        findings.merge(part.findings)
-        report.checked_images += len(part.ids)
-    ids.close()
-    images.close()
-    return ids, images, tars
-
-
 def verify_output(
     output: str,
     *,
@@ -371,48 +147,182 @@ def verify_output(
     storage: StorageConfig | None = None,
     clean: bool = False,
     takeover: bool = False,
+    sample: float = 1.0,
+    executor: ExecutorFor | None = None,
 ) -> VerifyReport:
     """Check `output`; `clean`: also remove the objects of interrupted parts, holding the output's
     lease (a running job's uncommitted objects look the same: with a job writing, `clean` is
-    refused). Without `clean` it reads without a lease, and says when a job is writing."""
+    refused). Without `clean` it reads without a lease, and says when a job is writing.
+    `sample`: the fraction of images whose sha256 is checked (the size of all is); `executor`:
+    picks where the checks run from the count of parts (default: in this process)."""
+    if not 0.0 < sample <= 1.0:
+        raise ValueError(f"sample must be a fraction in (0, 1], got {sample}")
     fs, root = filesystem(output, storage)
+    run = _Verify(fs, root, output, manifest=manifest, storage=storage, sample=sample, executor=executor)
     if not clean:
-        report = _verify(fs, root, output, manifest=manifest, storage=storage, clean=False)
+        report = run.verify(clean=False)
         report.writer = describe_writer(fs, root)
         return report
     with OutputLease(fs, root, command="verify --clean", takeover=takeover):
-        return _verify(fs, root, output, manifest=manifest, storage=storage, clean=True)
+        return run.verify(clean=True)
 
 
-def _verify(
-    fs: AbstractFileSystem, root: str, output: str, *, manifest: str | None, storage: StorageConfig | None, clean: bool
-) -> VerifyReport:
-    fs.invalidate_cache()  # fresh listings: orphans are what no committed part lists (output.orphans)
-    report = VerifyReport()
-    paths = committed_parts(fs, root)
-    if not paths:  # a job killed before its first commit may still have left objects
-        report.problems.append(f"no metadata under {output} (nothing committed yet)")
-        _orphans(fs, root, report, parts=set(), tars=set(), images=None, clean=clean)
-        return report
-    paths = _footers(fs, paths, report)
-    manifest_fs, files = manifest_files(manifest, storage) if manifest is not None else (fs, [])
-    partitions = partitions_for(max(report.rows, sum(f.rows for f in files)))
-    findings = Findings()
-    with tempfile.TemporaryDirectory(prefix="sdxl-batch-verify-") as scratch:
-        ids, images, tars = _scan_parts(
-            fs, root, paths, scratch=scratch, partitions=partitions, report=report, findings=findings
+@dataclass
+class _Verify:
+    fs: AbstractFileSystem
+    root: str
+    output: str
+    manifest: str | None
+    storage: StorageConfig | None
+    sample: float
+    executor: ExecutorFor | None
+
+    def verify(self, *, clean: bool) -> VerifyReport:
+        fs, root = self.fs, self.root
+        fs.invalidate_cache()  # fresh listings: orphans are what no committed part lists (output.orphans)
+        report = VerifyReport(sample=self.sample)
+        paths = committed_parts(fs, root)
+        if not paths:  # a job killed before its first commit may still have left objects
+            report.problems.append(f"no metadata under {self.output} (nothing committed yet)")
+            _orphans(fs, root, report, parts=set(), tars=set(), images=None, clean=clean)
+            return report
+        executor = self._executor(len(paths))
+        _, files = manifest_files(self.manifest, self.storage) if self.manifest is not None else (fs, [])
+        part_rows = _rows_per_part(fs, paths)
+        partitions = min(
+            MAX_PARTITIONS, max(1, -(-max(part_rows * len(paths), sum(f.rows for f in files)) // ROWS_PER_JOIN))
         )
-        wanted = None
-        if manifest is not None:
-            wanted = PartitionedSpill.by_hash(
-                join(scratch, "manifest"), _MANIFEST_SCHEMA, key="id", partitions=partitions
+        if self.sample < 1.0:
+            report.seed = random.SystemRandom().randrange(2**31)
+        checks = self._check_parts(executor, paths, part_rows, report.seed or 0, partitions)
+        wanted = self._manifest_ids(executor, files, partitions)
+        report.manifest_rows = sum(f.rows for f in files) if self.manifest is not None else None
+        joins = [
+            executor.submit(
+                join_ids,
+                len(checks),
+                self.manifest is not None,
+                *(check.partitions[p] for check in checks),
+                *(file.partitions[p] for file in wanted),
             )
-            _spill_manifest(manifest_fs, files, _RejectedRows(fs, root), wanted, report)
-        for p in range(partitions):
-            _join_partition(
-                ids.read(p).column("id").combine_chunks(), None if wanted is None else wanted.read(p), findings
+            for p in range(partitions)
+        ]
+        findings = Findings()
+        summaries: list[PartsCheck] = executor.get([check.summary for check in checks])
+        readable = _summarise(summaries, report, findings)
+        for found in executor.get(joins):
+            findings.merge(found)
+        report.rejected_rows = sum(executor.get([file.rejected for file in wanted]))
+        with tempfile.TemporaryDirectory(prefix="sdxl-batch-verify-") as scratch:
+            images = ImageReferences(join(scratch, "images"))
+            for check in checks:  # one group's image paths at a time: O(rows) in all (files layout)
+                images.add(executor.get([check.images])[0].column("path"))
+            images.close()
+            parts = {posixpath.basename(p).removesuffix(".parquet") for p in readable}
+            tars = set().union(*(s.tars for s in summaries))
+            _orphans(fs, root, report, parts=parts, tars=tars, images=images, clean=clean)
+        _report_findings(findings, report)
+        return report
+
+    def _check_parts(
+        self, executor: PlanExecutor, paths: list[str], part_rows: int, seed: int, partitions: int
+    ) -> list[CheckHandles]:
+        """Wave 1 (`output.checks`): a task per group of parts."""
+        per_task = max(MIN_PARTS_PER_TASK, -(-MIN_IDS_PER_TABLE * partitions // max(1, part_rows)))
+        groups = [paths[i : i + per_task] for i in range(0, len(paths), per_task)]
+        args = (self.sample, seed, partitions)
+        return [
+            CheckHandles.of(
+                executor.submit(check_parts, self.output, self.storage, group, *args, num_returns=2 + partitions)
             )
-        parts = {posixpath.basename(p).removesuffix(".parquet") for p in paths}
-        _orphans(fs, root, report, parts=parts, tars=tars, images=images, clean=clean)
-    findings.report_to(report)
-    return report
+            for group in groups
+        ]
+
+    def _manifest_ids(
+        self, executor: PlanExecutor, files: list[ManifestFile], partitions: int
+    ) -> list[ManifestHandles]:
+        """Wave 2: a task per group of manifest files, with the rejects files that name each."""
+        if self.manifest is None:
+            return []
+        rejects = rejects_naming(self.fs, _rejects_files(self.fs, self.root))
+        groups: list[list[ManifestFile]] = [[]]
+        for file in files:  # MIN_IDS_PER_TABLE ids per partition and group, at least
+            if sum(f.rows for f in groups[-1]) >= MIN_IDS_PER_TABLE * partitions:
+                groups.append([])
+            groups[-1].append(file)
+        return [
+            ManifestHandles.of(
+                executor.submit(
+                    manifest_partitions,
+                    group,
+                    self.storage,
+                    [rejects.get(f.uri, []) for f in group],
+                    self.output,
+                    partitions,
+                    num_returns=1 + partitions,
+                )
+            )
+            for group in groups
+            if group
+        ]
+
+    def _executor(self, parts: int) -> PlanExecutor:
+        return LocalExecutor() if self.executor is None else self.executor(parts)
+
+
+def _summarise(summaries: list[PartsCheck], report: VerifyReport, findings: Findings) -> list[str]:
+    """The groups' records added up: rows, images, damaged parts and schemas (every part against
+    the first readable one's: globbing readers such as DuckDB, Polars, pyarrow and Hugging Face
+    drop columns or fail on parts that differ). Returns the readable parts."""
+    readable: list[str] = []
+    damaged: list[str] = []
+    first: tuple[object, str] | None = None
+    differ: list[str] = []
+    for check in summaries:
+        report.rows += check.rows
+        report.checked_images += check.sized
+        report.hashed_images += check.hashed
+        readable += check.readable
+        damaged += check.damaged
+        findings.merge(check.findings)
+        for schema, names in check.schemas:
+            if first is None:
+                first = (schema, names[0])
+            if not schema.equals(first[0]):
+                differ += names
+    report.parts = len(readable)
+    report.add(DAMAGED_PROBLEM, damaged)
+    if first is not None:
+        report.add(f"{SCHEMA_PROBLEM} {first[1]}", differ)
+    return readable
+
+
+def _report_findings(findings: Findings, report: VerifyReport) -> None:
+    for kind in sorted(findings.counts, key=lambda k: ORDER.index(k) if k in ORDER else -1):
+        report.add_counted(kind, findings.counts[kind], findings.shown[kind])
+
+
+def _rows_per_part(fs: AbstractFileSystem, paths: list[str]) -> int:
+    """The rows of the first readable part (from its footer): parts hold about the same, which is
+    enough to size the tasks and the joins' partitions."""
+    import pyarrow.parquet as pq
+
+    from pipeline.plan.parts import DAMAGE_ERRORS
+
+    for path in paths[:8]:
+        try:
+            with fs.open(path, "rb") as handle:
+                return int(pq.read_metadata(handle).num_rows)
+        except DAMAGE_ERRORS:
+            continue
+    return 0
+
+
+def _rejects_files(fs: AbstractFileSystem, root: str) -> list[str]:
+    folder = join(root, REJECTS_DIR)
+    return [p for p in (fs.find(folder) if fs.exists(folder) else []) if _is_rejects_file(p)]
+
+
+def _is_rejects_file(path: str) -> bool:
+    name = posixpath.basename(path)
+    return name.endswith(".parquet") and not name.startswith((".", "_")) and not is_temporary_name(name)

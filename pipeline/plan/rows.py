@@ -396,6 +396,56 @@ def iter_pending(plan: RowPlan, storage: StorageConfig | None, rules: RowRules =
         yield read_pending(task, masks[task["file"]], storage, rules)
 
 
+@dataclass(frozen=True)
+class ScanHandles:
+    """Handles to what `scan_file` returns, by name."""
+
+    summary: Any  # FileScan
+    bad: Any  # the file's bad-row mask
+    codes: Any  # each row's settings code
+    partitions: list[Any]  # (id, file, row) tables, one per partition
+
+    @classmethod
+    def of(cls, handles: list[Any]) -> ScanHandles:
+        return cls(handles[0], handles[1], handles[2], handles[3:])
+
+
+@dataclass(frozen=True)
+class DoneHandles:
+    """Handles to what `read_done` returns, by name."""
+
+    summary: Any  # DoneBatch
+    partitions: list[Any]  # committed id tables, one per partition
+
+    @classmethod
+    def of(cls, handles: list[Any]) -> DoneHandles:
+        return cls(handles[0], handles[1:])
+
+
+@dataclass(frozen=True)
+class JoinHandles:
+    """Handles to what `join_partition` returns, by name."""
+
+    summary: Any  # JoinSummary
+    skips: list[Any]  # (file, row) tables of rows to skip, one per group of files
+
+    @classmethod
+    def of(cls, handles: list[Any]) -> JoinHandles:
+        return cls(handles[0], handles[1:])
+
+
+@dataclass(frozen=True)
+class FinishHandles:
+    """Handles to what `finish_files` returns, by name."""
+
+    summary: Any  # list[FilePending]
+    masks: list[Any]  # each file's packed pending-row mask
+
+    @classmethod
+    def of(cls, handles: list[Any]) -> FinishHandles:
+        return cls(handles[0], handles[1:])
+
+
 def partitions_for(manifest_bytes: int, executor: PlanExecutor) -> int:
     """Hash partitions of the ids: one in this process; on Ray one per BYTES_PER_PARTITION of the
     manifest's Parquet, at least 4 (parallelism) and at most 256."""
@@ -421,14 +471,17 @@ def plan_rows(
     files = [ManifestFile(i, full_uri(fs, p), posixpath.relpath(p, root)) for i, p in enumerate(paths)]
     partitions = partitions_for(sum(sizes), executor)
     scans = [
-        executor.submit(scan_file, f, storage, rules, keep_problems, partitions, num_returns=3 + partitions)
+        ScanHandles.of(
+            executor.submit(scan_file, f, storage, rules, keep_problems, partitions, num_returns=3 + partitions)
+        )
         for f in files
     ]
     batches = [list(committed[i : i + PARTS_PER_TASK]) for i in range(0, len(committed), PARTS_PER_TASK)]
     done = [
-        executor.submit(read_done, output, storage, batch, partitions, num_returns=1 + partitions) for batch in batches
+        DoneHandles.of(executor.submit(read_done, output, storage, batch, partitions, num_returns=1 + partitions))
+        for batch in batches
     ]
-    summaries: list[FileScan] = executor.get([scan[0] for scan in scans])
+    summaries: list[FileScan] = executor.get([scan.summary for scan in scans])
     passthrough = PassthroughSchema()
     for scan in summaries:
         passthrough.add(scan.schema, known=COLUMNS, uri=scan.uri)
@@ -436,34 +489,36 @@ def plan_rows(
         raise ManifestError(f"manifest {manifest} has no rows")
     groups = [(int(g[0]), int(g[-1]) + 1) for g in np.array_split(np.arange(len(files)), min(len(files), FILE_GROUPS))]
     joins = [
-        executor.submit(
-            join_partition,
-            groups,
-            keep_problems,
-            len(files),
-            *(scan[3 + p] for scan in scans),
-            *(batch[1 + p] for batch in done),
-            num_returns=1 + len(groups),
+        JoinHandles.of(
+            executor.submit(
+                join_partition,
+                groups,
+                keep_problems,
+                len(files),
+                *(scan.partitions[p] for scan in scans),
+                *(batch.partitions[p] for batch in done),
+                num_returns=1 + len(groups),
+            )
         )
         for p in range(partitions)
     ]
-    finishes = []
-    for g, (lo, hi) in enumerate(groups):
-        masks_and_codes = [handle for f in range(lo, hi) for handle in (scans[f][1], scans[f][2])]
-        finishes.append(
+    finishes = [
+        FinishHandles.of(
             executor.submit(
                 finish_files,
                 [(f, summaries[f].row_groups) for f in range(lo, hi)],
                 partitions,
-                *(join[1 + g] for join in joins),
-                *masks_and_codes,
+                *(join.skips[g] for join in joins),
+                *(handle for f in range(lo, hi) for handle in (scans[f].bad, scans[f].codes)),
                 num_returns=1 + hi - lo,
             )
         )
-    joined: list[JoinSummary] = executor.get([join[0] for join in joins])
-    pending: list[list[FilePending]] = executor.get([finish[0] for finish in finishes])
+        for g, (lo, hi) in enumerate(groups)
+    ]
+    joined: list[JoinSummary] = executor.get([join.summary for join in joins])
+    pending: list[list[FilePending]] = executor.get([finish.summary for finish in finishes])
     problems, count, columns = _problems(summaries, joined, keep_problems)
-    done_batches: list[DoneBatch] = executor.get([batch[0] for batch in done])
+    done_batches: list[DoneBatch] = executor.get([batch.summary for batch in done])
     return RowPlan(
         root=full_uri(fs, root),
         scans=summaries,
@@ -472,7 +527,7 @@ def plan_rows(
         masks={
             lo + k: handle
             for (lo, _), finish in zip(groups, finishes, strict=True)
-            for k, handle in enumerate(finish[1:])
+            for k, handle in enumerate(finish.masks)
         },
         problems=problems,
         problem_count=count,

@@ -172,6 +172,19 @@ def planning_executor(config: JobConfig, ray_address: str | None, *, metrics_por
     return RayExecutor()
 
 
+LOCAL_OUTPUT_PARTS = 256  # committed parts checked in this process; more start Ray (some 5 s)
+
+
+def output_executor(parts: int, ray_address: str | None) -> PlanExecutor:
+    """Where `verify` checks an output of `parts` committed parts: as Ray tasks on the cluster
+    when the driver joins one, or when it has more than LOCAL_OUTPUT_PARTS (an embedded Ray
+    starts, whose workers use every core); else in this process."""
+    if ray_address is None and parts <= LOCAL_OUTPUT_PARTS:
+        return LocalExecutor()
+    init_ray(ray_address)
+    return RayExecutor()
+
+
 def resolve_job(config: JobConfig, *, embedded: bool) -> tuple[JobConfig, str]:
     """What a job needs to know of the cluster Ray is connected to: its fleet's GPUs (`run.fleet`),
     its placement (`resolve_resources`) and the one precision of every actor (`model.dtype: auto`

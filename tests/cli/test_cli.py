@@ -46,3 +46,16 @@ def test_help_imports_no_heavy_module(argv: list[str]) -> None:
 def test_every_command_names_its_handler(argv: list[str], handler: str) -> None:
     """Each command group registers its parsers with their handlers; `main` calls the one parsed."""
     assert build_parser().parse_args(argv).handler.__name__ == handler
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "half"])
+def test_verify_sample_must_be_a_fraction(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["verify", "out", "--sample", value])
+    assert exit_info.value.code == 2
+    assert f"{value!r} is not a fraction in (0, 1]" in capsys.readouterr().err
+
+
+def test_verify_sample_parses() -> None:
+    assert build_parser().parse_args(["verify", "out", "--sample", "0.01"]).sample == 0.01
+    assert build_parser().parse_args(["verify", "out"]).sample == 1.0

@@ -104,3 +104,52 @@ def test_an_error_in_a_scan_task_names_the_file(tmp_path: Path, ray_local: None)
     with pytest.raises(ManifestError, match="expected integer values") as info:
         plan_job(config, executor=RayExecutor())
     assert "b.parquet" in str(info.value) and "Traceback" not in str(info.value)
+
+
+def _verified_output(root: Path, layout: str) -> tuple[Path, Path]:
+    """An output of 41 parts with one of each problem `verify` finds, and its manifest."""
+    from pipeline.output.writer import ModelInfo, PartWriter
+    from tests.helpers import write_manifest
+    from tests.output.test_writer import _encoded_batch
+
+    out = root / layout
+    writer = PartWriter(output=str(out), layout=layout, image_format="png", model=ModelInfo("tiny", "Euler"))
+    for k in range(40):
+        writer.write(_encoded_batch([f"r{k:02d}-{j}" for j in range(3)]))
+    writer.write(_encoded_batch(["r00-0"]))  # a duplicate
+    images = sorted((out / ("images" if layout == "files" else "shards")).rglob("*.*"))
+    if layout == "files":
+        images[5].write_bytes(b"image-of-r??-?")  # same size, other bytes
+        images[9].unlink()
+    else:
+        images[5].write_bytes(images[5].read_bytes()[:700])  # cut off
+    parts = sorted((out / "metadata").glob("*.parquet"))
+    parts[3].write_bytes(b"")  # damaged
+    rows = [{"id": f"r{k:02d}-{j}", "prompt": "p", "seed": 1} for k in range(42) for j in range(3)]
+    return out, write_manifest(root / f"{layout}.parquet", rows)
+
+
+@pytest.mark.parametrize("layout", ["files", "webdataset"])
+def test_ray_tasks_verify_what_one_process_verifies(
+    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """verify as Ray tasks over groups of parts (3 groups here, ids in 18 partitions) finds exactly
+    what it finds in this process, sampled or not."""
+    from pipeline.output import verify
+    from pipeline.output.verify import verify_output
+
+    monkeypatch.setattr(verify, "ROWS_PER_JOIN", 7)
+    monkeypatch.setattr(verify, "MIN_IDS_PER_TABLE", 1)
+    out, manifest = _verified_output(tmp_path, layout)
+    reports = {
+        name: verify_output(str(out), manifest=str(manifest), executor=lambda _, e=executor: e)  # type: ignore[misc]
+        for name, executor in (("local", LocalExecutor()), ("ray", RayExecutor()))
+    }
+    local, ray_report = reports["local"].summary(), reports["ray"].summary()
+    assert ray_report == local
+    assert "Parquet file size is 0 bytes" in local and "duplicate id (1): r00-0" in local
+    assert "manifest id missing from the output (" in local and "r41-0" in local
+    assert ("image sha256 or size mismatch" in local) and (layout == "webdataset" or "image missing (1)" in local)
+    sampled = verify_output(str(out), manifest=str(manifest), sample=0.01, executor=lambda _: RayExecutor())
+    assert sampled.checked_images == reports["local"].checked_images and sampled.hashed_images < sampled.checked_images
+    assert "a random 1.00% sample, seed" in sampled.summary()

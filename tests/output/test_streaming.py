@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -19,7 +20,6 @@ from pipeline.output.streaming import (
     bounded_map,
     folder_partition,
     image_folder,
-    partitions_for,
 )
 
 
@@ -61,15 +61,13 @@ def test_bounded_map_raises_the_first_error() -> None:
         list(bounded_map(work, range(100), threads=4))
 
 
-def test_partitions_for() -> None:
-    assert partitions_for(0) == 1 and partitions_for(1_000_000) == 1 and partitions_for(1_000_001) == 2
-    assert partitions_for(100_000_000) == 100 and partitions_for(10**10) == streaming.MAX_PARTITIONS
-
-
-def test_spill_puts_each_id_in_its_hash_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spill_puts_each_row_in_its_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streaming, "FLUSH_ROWS", 7)
     ids = [f"id-{i}" for i in range(100)] + ["id-3", "id-3"]
-    spill = PartitionedSpill.by_hash(str(tmp_path), pa.schema([("id", pa.string())]), key="id", partitions=5)
+    schema = pa.schema([("id", pa.string())])
+    spill = PartitionedSpill(
+        str(tmp_path), schema, partitions=5, partition_of_rows=lambda t: partition_of(t.column("id"), 5)
+    )
     for start in range(0, len(ids), 3):  # small appends, buffered across flushes
         spill.append(pa.table({"id": ids[start : start + 3], "extra": [0] * len(ids[start : start + 3])}))
     spill.close()
@@ -78,7 +76,7 @@ def test_spill_puts_each_id_in_its_hash_partition(tmp_path: Path, monkeypatch: p
     for p, rows in read.items():
         assert set(partition_of(pa.array(rows, pa.string()), 5).tolist()) <= {p}
     assert read[int(partition_of(pa.array(["id-3"]), 5)[0])].count("id-3") == 3
-    empty = PartitionedSpill.by_hash(str(tmp_path / "empty"), pa.schema([("id", pa.string())]), key="id", partitions=3)
+    empty = PartitionedSpill(str(tmp_path / "empty"), schema, partitions=3, partition_of_rows=lambda t: np.zeros(0))
     empty.close()
     assert empty.read(2).num_rows == 0
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import streaming
+from pipeline.output import streaming, verify
 from pipeline.output.verify import verify_output
 from pipeline.output.writer import ModelInfo, PartWriter
 from tests.helpers import write_manifest
@@ -115,13 +115,16 @@ def test_orphans_are_counted_when_nothing_is_committed(tmp_path: Path) -> None:
     assert report.cleaned and not list((output / "shards").iterdir()) and not list((output / "metadata").iterdir())
 
 
-# The partitioned checks (output.streaming): with a partition per two rows and spills that flush
-# every three, ids, manifest ids and image paths are joined across many partitions and files.
+# The partitioned checks (output.checks): with a partition per two rows, a group of parts per
+# task and spills that flush every three, ids, manifest ids and image paths are joined across
+# many partitions, tasks and files.
 
 
 @pytest.fixture
 def small_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "ROWS_PER_PARTITION", 2)
+    monkeypatch.setattr(verify, "ROWS_PER_JOIN", 2)
+    monkeypatch.setattr(verify, "MIN_IDS_PER_TABLE", 1)
+    monkeypatch.setattr(verify, "MIN_PARTS_PER_TASK", 2)
     monkeypatch.setattr(streaming, "FLUSH_ROWS", 3)
 
 
@@ -274,3 +277,18 @@ def test_manifest_and_output_on_different_filesystems(tmp_path: Path) -> None:
         assert report.checked_images == 4 and report.manifest_rows == 5
     finally:
         fsspec.filesystem("memory").rm(output.removeprefix("memory:/"), recursive=True)
+
+
+def test_a_sample_hashes_some_images_and_sizes_all(tmp_path: Path) -> None:
+    """`sample`: every image's presence and size are checked, the sha256 of a random fraction."""
+    output = _output(tmp_path)
+    images = sorted((output / "images").rglob("*.png"))
+    images[0].write_bytes(b"a different size")
+    images[1].unlink()
+    report = verify_output(str(output), sample=0.001)
+    text = report.summary()
+    assert "image sha256 or size mismatch (1)" in text and "image missing (1)" in text
+    assert report.checked_images == 3 and report.hashed_images < 3
+    assert "images checked:   3 (size; sha256 of" in text and "a random 0.10% sample, seed" in text
+    with pytest.raises(ValueError, match="sample must be a fraction"):
+        verify_output(str(output), sample=0.0)
