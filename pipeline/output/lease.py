@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import LeaseHeld, StorageError
-from pipeline.core.io import STORAGE_ERRORS, full_uri, is_remote_fs, join, write_bytes
+from pipeline.core.io import STORAGE_ERRORS, fsync_folder, full_uri, is_remote_fs, join, temporary_path, write_bytes
 from pipeline.core.layout import LEASE_FILE
 
 if TYPE_CHECKING:
@@ -214,11 +214,7 @@ class OutputLease:
                 if not os.path.isdir(self.root):
                     os.makedirs(self.root, exist_ok=True)
                     self._created_root = True
-                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                with os.fdopen(descriptor, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                self._link_into_place(data)
         except FileExistsError:
             return False
         except STORAGE_ERRORS as error:
@@ -227,6 +223,23 @@ class OutputLease:
                 "Check that the output is writable."
             ) from error
         return True
+
+    def _link_into_place(self, data: bytes) -> None:
+        """Create the lease whole or not at all: written and fsynced under a name of our own, then
+        hard-linked to its name, which fails when that exists (POSIX, NFS included). An exclusive
+        create then a write would let another writer read it empty in between, and take it over as
+        unreadable (tests/output/test_lease.py: eight threads racing)."""
+        temporary = temporary_path(self.path)  # an orphan (`output.orphans`) if we die right here
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(temporary, self.path)
+            fsync_folder(self.root)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
 
     def _read(self) -> bytes | None:
         try:
