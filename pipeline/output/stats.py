@@ -375,6 +375,12 @@ class JobStats:
             self.latency.add(max(seconds, 0.0))
         self.totals += replace(record, calls=[])
 
+    def merge(self, other: JobStats) -> None:
+        """Add the parts another JobStats added up."""
+        self.parts += other.parts
+        self.latency.merge(other.latency)
+        self.totals += other.totals
+
     @property
     def model_calls(self) -> int:
         return int(self.latency.count)

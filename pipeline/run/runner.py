@@ -176,7 +176,7 @@ LOCAL_OUTPUT_PARTS = 256  # committed parts checked in this process; more start 
 
 
 def output_executor(parts: int, ray_address: str | None) -> PlanExecutor:
-    """Where `verify` checks an output of `parts` committed parts: as Ray tasks on the cluster
+    """Where `verify` checks (and `report` reads) an output of `parts` committed parts: as Ray tasks on the cluster
     when the driver joins one, or when it has more than LOCAL_OUTPUT_PARTS (an embedded Ray
     starts, whose workers use every core); else in this process."""
     if ray_address is None and parts <= LOCAL_OUTPUT_PARTS:

@@ -153,3 +153,30 @@ def test_ray_tasks_verify_what_one_process_verifies(
     sampled = verify_output(str(out), manifest=str(manifest), sample=0.01, executor=lambda _: RayExecutor())
     assert sampled.checked_images == reports["local"].checked_images and sampled.hashed_images < sampled.checked_images
     assert "a random 1.00% sample, seed" in sampled.summary()
+
+
+def test_ray_tasks_read_the_report_that_one_process_reads(
+    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report's footers and stats records, read by Ray tasks over groups of parts (6 groups
+    here) and merged on the driver: the same samples and figures as read in this process."""
+    from pipeline.core.io import filesystem
+    from pipeline.output.report import read as report_read
+    from pipeline.output.writer import ModelInfo, PartWriter
+    from tests.output.test_writer import _encoded_batch
+
+    monkeypatch.setattr(report_read, "PARTS_PER_TASK", 7)
+    out = tmp_path / "out"
+    writer = PartWriter(output=str(out), layout="webdataset", image_format="png", model=ModelInfo("tiny", "Euler"))
+    for k in range(40):
+        writer.write(_encoded_batch([f"r{k:02d}-{j}" for j in range(3)]))
+    fs, root = filesystem(str(out))
+    read = {
+        name: report_read.read_output(fs, root, str(out), samples=9, executor=lambda _, e=executor: e)  # type: ignore[misc]
+        for name, executor in (("local", LocalExecutor()), ("ray", RayExecutor()))
+    }
+    local, ray_read = read["local"], read["ray"]
+    assert (ray_read.metadata_rows, ray_read.metadata_parts) == (local.metadata_rows, local.metadata_parts) == (120, 40)
+    assert ray_read.samples == local.samples and len(local.samples) == 9 and ray_read.images == local.images
+    assert ray_read.records.parts == local.records.parts == 40
+    assert ray_read.records.total.rows == local.records.total.rows == 120

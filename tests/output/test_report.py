@@ -318,6 +318,27 @@ def test_the_call_timeline_stays_within_its_bins_and_exact_per_bin() -> None:
     assert series.cumulative[-1] == every[:, 0].sum()
 
 
+def test_digests_of_groups_of_parts_merge_into_the_whole() -> None:
+    """The report adds up parts in groups (a task each, `read.digest_records`): merged, the groups'
+    digests are the digest of every part, whatever bins each group ended with."""
+    rng = np.random.default_rng(11)
+    t0, records = 1.8e9, []
+    for part in range(60):  # a short group and a day-long one: their timelines have other widths
+        spread = 5.0 if part < 20 else 90_000.0
+        ends = t0 + np.sort(rng.uniform(0, spread, 40))
+        calls = [(8.0, float(s), float(e)) for s, e in zip(rng.uniform(0.5, 1.5, 40), ends, strict=True)]
+        records.append(PartStats.from_dict({"rows": 320, "generation_seconds": 40.0, "calls": calls}))
+    whole = PartsDigest.of(records)
+    merged = PartsDigest()
+    for group in (records[:20], records[20:45], [], records[45:]):
+        merged.merge(PartsDigest.of(group))
+    assert merged.parts == whole.parts == 60 and merged.total.rows == whole.total.rows
+    assert merged.stats.batch_latency_seconds() == whole.stats.batch_latency_seconds()
+    a, b = merged.timeline, whole.timeline
+    assert (a.width, a.first, a.start, a.end, a.images) == (b.width, b.first, b.start, b.end, b.images)
+    assert np.allclose(a.finished, b.finished) and np.allclose(a.spread, b.spread)
+
+
 def test_stage_breakdown_in_pipeline_order() -> None:
     record = {"stage_seconds": {"vae_decode": 1.0, "denoise": 3.0, "text_encode": 0.5}, "generation_seconds": 5.0,
               "encode_seconds": 0.2, "upload_seconds": 0.1}  # fmt: skip

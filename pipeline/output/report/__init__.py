@@ -27,7 +27,10 @@ from pipeline.output.report.page import render_report
 from pipeline.output.report.read import OutputContents, read_output
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline.core.config import StorageConfig
+    from pipeline.plan.executor import PlanExecutor
 
 __all__ = [
     "OutputContents",
@@ -42,20 +45,27 @@ __all__ = [
 ]
 
 
-def write_report(output: str, storage: StorageConfig | None = None, *, samples: int = 24) -> str:
+def write_report(
+    output: str,
+    storage: StorageConfig | None = None,
+    *,
+    samples: int = 24,
+    executor: Callable[[int], PlanExecutor] | None = None,
+) -> str:
     """Write `<output>/report.html` and return its URI (a local path, or `s3://...`).
 
     Args:
         output: the job's output prefix, local or object store.
         storage: the object-store options (endpoint, credentials); None for the defaults.
         samples: images on the contact sheet, spread evenly over the ids.
+        executor: picks where the parts are read (`plan.executor`) from their count; None: here.
 
     Raises:
         SdxlBatchError: the output does not exist or holds no committed part.
         StorageError: the output cannot be read or the report cannot be written.
     """
     fs, root = filesystem(output, storage)
-    contents = read_output(fs, root, output, samples=samples)
+    contents = read_output(fs, root, output, samples=samples, storage=storage, executor=executor)
     contents.writer = describe_writer(fs, root)  # a job writing now: its figures are still moving
     html = render_report(contents)
     path = join(root, REPORT_FILE)

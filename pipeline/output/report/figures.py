@@ -9,6 +9,7 @@ not grow with them.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,27 @@ class CallTimeline:
         # A call of no measurable duration finishes all its images in its end bin.
         np.add.at(self.spread, self._index(e[~timed], n) + (lo - self.first), images[~timed])
 
+    def merge(self, other: CallTimeline) -> None:
+        """Add another timeline's calls (one built from other parts, by a task elsewhere): both
+        brought to the wider one's bins, which start at the same origin and only double."""
+        if not len(other.finished):
+            return
+        other = copy.deepcopy(other)
+        while True:
+            while self.width < other.width:
+                self._coarsen()
+            while other.width < self.width:
+                other._coarsen()
+            width = self.width
+            self._cover(other.first * width, (other.first + len(other.finished) - 1) * width)
+            if self.width == width:
+                break
+        at = other.first - self.first
+        self.finished[at : at + len(other.finished)] += other.finished
+        self.spread[at : at + len(other.spread)] += other.spread
+        self.start, self.end = min(self.start, other.start), max(self.end, other.end)
+        self.images += other.images
+
     def _index(self, local: np.ndarray, n: int) -> np.ndarray:
         return np.clip(np.floor(local / self.width).astype(np.int64), 0, n - 1)
 
@@ -119,6 +141,11 @@ class PartsDigest:
     def add(self, record: PartStats) -> None:
         self.timeline.add(np.asarray(record.calls, dtype=np.float64).reshape(-1, 3))
         self.stats.add_part(record)
+
+    def merge(self, other: PartsDigest) -> None:
+        """Add the records another digest added up (a report task's group of parts)."""
+        self.timeline.merge(other.timeline)
+        self.stats.merge(other.stats)
 
     @property
     def parts(self) -> int:

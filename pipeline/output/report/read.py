@@ -1,9 +1,11 @@
 """Reading what the report shows from an output prefix.
 
-Scale: a 100-million-row job has some 200,000 parts. Only their footers are read (16 at a time:
-row counts and each part's smallest id) to spread the samples, then only the parts holding sampled
-rows, and only the sampled images; the small stats records are fetched in batches (`fs.cat` on a
-list, concurrent on S3).
+Scale: a 100-million-row job has some 200,000 parts. Only their footers are read (row counts and
+each part's smallest id) to spread the samples, then only the parts holding sampled rows, and only
+the sampled images; the small stats records are fetched in batches (`fs.cat` on a list, concurrent
+on S3) and added up (`PartsDigest`). Footers and records are read by tasks over groups of parts
+(`plan.executor`: Ray tasks where the data is, for a large output, as `verify` does), each
+returning a small result: the driver holds a footer per part and one digest at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import SdxlBatchError, StorageError
-from pipeline.core.io import join
+from pipeline.core.io import filesystem, join
 from pipeline.core.layout import (
     JOB_RECORD,
     METADATA_DIR,
@@ -34,9 +36,15 @@ from pipeline.core.layout import (
 from pipeline.output.report.figures import PartsDigest
 from pipeline.output.stats import PartStats
 from pipeline.output.streaming import bounded_map, read_columns
+from pipeline.plan.executor import LocalExecutor
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fsspec import AbstractFileSystem
+
+    from pipeline.core.config import StorageConfig
+    from pipeline.plan.executor import PlanExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +67,19 @@ class OutputContents:
     writer: str | None = None  # a job holding the output's lease as the report is read (`output.lease`)
 
 
-def read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int) -> OutputContents:
-    """Read the stats, the job record, and `samples` metadata rows with their images."""
+def read_output(
+    fs: AbstractFileSystem,
+    root: str,
+    output: str,
+    *,
+    samples: int,
+    storage: StorageConfig | None = None,
+    executor: Callable[[int], PlanExecutor] | None = None,
+) -> OutputContents:
+    """Read the stats, the job record, and `samples` metadata rows with their images; `executor`
+    picks where the parts are read from their count (default: in this process)."""
     try:
-        return _read_output(fs, root, output, samples=samples)
+        return _read_output(fs, root, output, samples=samples, storage=storage, executor=executor)
     except (OSError, pa.ArrowException) as error:  # no access, or a damaged metadata part
         raise StorageError(
             f"cannot read the output {output}: {type(error).__name__}: {error} (`sdxl-batch verify {output}` "
@@ -70,7 +87,15 @@ def read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int)
         ) from error
 
 
-def _read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int) -> OutputContents:
+def _read_output(
+    fs: AbstractFileSystem,
+    root: str,
+    output: str,
+    *,
+    samples: int,
+    storage: StorageConfig | None,
+    executor: Callable[[int], PlanExecutor] | None,
+) -> OutputContents:
     if not fs.exists(root):
         raise SdxlBatchError(
             f"nothing to report: the output {output} does not exist (point `sdxl-batch report` at a job's output)"
@@ -81,15 +106,16 @@ def _read_output(fs: AbstractFileSystem, root: str, output: str, *, samples: int
             f"nothing to report under {output}: no committed part (looked for {join(output, METADATA_DIR)}/"
             "part-*.parquet); run the job first, or check the output prefix"
         )
+    tasks = LocalExecutor() if executor is None else executor(len(files))
     contents = OutputContents(
         output=output,
         stats=read_json(fs, join(root, STATS_FILE)),
-        records=_read_part_records(fs, root),
+        records=_read_part_records(tasks, output, storage, part_stats_paths(fs, root)),
         job=read_json(fs, join(root, JOB_RECORD)),
         metadata_rows=0,
         metadata_parts=len(files),
     )
-    contents.metadata_rows, contents.samples = _pick_samples(fs, files, samples)
+    contents.metadata_rows, contents.samples = _pick_samples(fs, files, samples, tasks, output, storage)
     contents.images = _read_images(fs, root, contents.samples)
     return contents
 
@@ -102,12 +128,28 @@ def _cat(fs: AbstractFileSystem, paths: list[str]) -> dict[str, bytes | BaseExce
     return found
 
 
-def _read_part_records(fs: AbstractFileSystem, root: str) -> PartsDigest:
-    """Every part's stats record, added up as it arrives (a bounded window of fetches)."""
+PARTS_PER_TASK = 2000  # footers or stats records read by one task
+
+
+def _groups(paths: list[str]) -> list[list[str]]:
+    return [paths[start : start + PARTS_PER_TASK] for start in range(0, len(paths), PARTS_PER_TASK)]
+
+
+def _read_part_records(
+    executor: PlanExecutor, output: str, storage: StorageConfig | None, paths: list[str]
+) -> PartsDigest:
+    """Every part's stats record, added up by a task per group, the groups' digests merged here
+    one at a time."""
     digest = PartsDigest()
-    paths = part_stats_paths(fs, root)
-    if not paths:
-        return digest
+    for handle in [executor.submit(digest_records, output, storage, group) for group in _groups(paths)]:
+        digest.merge(executor.get([handle])[0])
+    return digest
+
+
+def digest_records(output: str, storage: StorageConfig | None, paths: list[str]) -> PartsDigest:
+    """A group of stats records added up as they arrive (a bounded window of fetches)."""
+    fs, _ = filesystem(output, storage)
+    digest = PartsDigest()
     batches = [paths[start : start + _RECORDS_AT_ONCE] for start in range(0, len(paths), _RECORDS_AT_ONCE)]
     for path, data in (
         item
@@ -147,14 +189,27 @@ def _part_footer(fs: AbstractFileSystem, path: str) -> _PartFooter:
     return _PartFooter(path, metadata.num_rows, first)
 
 
-def _pick_samples(fs: AbstractFileSystem, files: list[str], samples: int) -> tuple[int, list[dict[str, Any]]]:
+def part_footers(output: str, storage: StorageConfig | None, paths: list[str]) -> list[_PartFooter]:
+    fs, _ = filesystem(output, storage)
+    return list(bounded_map(lambda path: _part_footer(fs, path), paths))
+
+
+def _pick_samples(
+    fs: AbstractFileSystem,
+    files: list[str],
+    samples: int,
+    executor: PlanExecutor,
+    output: str,
+    storage: StorageConfig | None,
+) -> tuple[int, list[dict[str, Any]]]:
     """The total row count and `samples` rows spread evenly over the output, sorted by id.
 
     Reads only the parts' footers, then the parts that hold a sampled row: the parts are ordered
     by their smallest id (the footer's statistics), each part's rows by id, and the rows at evenly
     spaced positions of that order are taken. Where parts hold disjoint runs of ids, as parts cut
     from a sorted manifest do, that is exactly an even spread over the sorted ids."""
-    footers = list(bounded_map(lambda path: _part_footer(fs, path), files))
+    handles = [executor.submit(part_footers, output, storage, group) for group in _groups(files)]
+    footers = [footer for group in executor.get(handles) for footer in group]
     total = sum(f.rows for f in footers)
     if samples <= 0 or total == 0:
         return total, []
