@@ -98,6 +98,13 @@ class ModelConfig(_Section):
             "(the tiny preset keeps its own VAE)."
         ),
     )
+    watermark: bool = Field(
+        default=False,
+        description=(
+            "Apply SDXL's invisible watermark (needs `invisible-watermark`). Off by default: diffusers turns it on "
+            "whenever the package is installed, and it runs on the CPU, one image at a time, after every decode."
+        ),
+    )
     variant: str | None = Field(
         default=None,
         description="Weights variant to fetch from the hub (e.g. `fp16` halves the download of SDXL base).",

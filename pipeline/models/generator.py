@@ -88,6 +88,18 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+_NO_WATERMARKER = (
+    "model.watermark is set but diffusers has no watermarker: install `invisible-watermark` on the workers "
+    "(pip install invisible-watermark), or set model.watermark: false"
+)
+
+
+def _watermark_available() -> bool:
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
+
+    return bool(pipeline_stable_diffusion_xl.is_invisible_watermark_available())
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for an accelerator (or host) allocation failure, which a smaller batch may avoid."""
     import torch
@@ -175,7 +187,9 @@ class ImageGenerator:
         source = resolve_pipeline_source(
             self.model.path or self.preset.base, storage=self.storage, cache_dir=self.cache_dir
         )
-        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.model.watermark and not _watermark_available():
+            raise ModelError(_NO_WATERMARKER)
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "add_watermarker": self.model.watermark}
         if self.model.variant:
             kwargs["variant"] = self.model.variant
         try:
@@ -202,6 +216,7 @@ class ImageGenerator:
         import torch
 
         pipe.scheduler = make_scheduler(self.preset, pipe.scheduler)
+        self._check_watermark(pipe)
         self._apply_loras(pipe)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
@@ -212,6 +227,15 @@ class ImageGenerator:
             # for the next call. Kept in float32 from load, it has one state; latents are cast.
             self.pipe.vae.to(dtype=torch.float32)
             self.techniques.append("vae=float32")
+
+    def _check_watermark(self, pipe: Any) -> None:
+        """The invisible watermark only where `model.watermark` asks for it: diffusers builds it
+        whenever `invisible-watermark` is installed, and it would then run on this actor's CPU
+        thread after every decode (`decode_latents`)."""
+        if not self.model.watermark:
+            pipe.watermark = None
+        elif getattr(pipe, "watermark", None) is None:
+            raise ModelError(_NO_WATERMARKER)
 
     def _check_precision(self) -> None:
         """A job resolves `dtype: auto` once for all its GPU types (`core.accelerators`); a GPU

@@ -228,3 +228,46 @@ def test_configure_rebatches_a_loaded_model_and_strict_calls_raise_instead_of_sp
         tiny_generator.pipe = real_pipe
         tiny_generator.configure(batch_size=before[0] or 4, vae_batch_size=None, split_on_oom=True)
         tiny_generator.batch_size, tiny_generator.model = before
+
+
+class _StubWatermarker:
+    """Stands in for diffusers' StableDiffusionXLWatermarker (which needs `invisible-watermark`)."""
+
+    calls = 0
+
+    def apply_watermark(self, images: torch.Tensor) -> torch.Tensor:
+        _StubWatermarker.calls += 1
+        return images
+
+
+@pytest.fixture
+def watermark_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers as it behaves with `invisible-watermark` installed: SDXL pipelines build a watermarker."""
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl as sdxl
+
+    monkeypatch.setattr(sdxl, "is_invisible_watermark_available", lambda: True)
+    monkeypatch.setattr(sdxl, "StableDiffusionXLWatermarker", _StubWatermarker, raising=False)
+
+
+@pytest.mark.usefixtures("watermark_installed")
+def test_no_watermark_unless_asked(model_cache: Path) -> None:
+    """With `invisible-watermark` installed diffusers watermarks every image on the CPU; a
+    generator holds no watermarker unless `model.watermark` asks for one, and then applies it."""
+    plain = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache)))
+    plain.load()
+    assert plain.pipe.watermark is None
+    marked = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), watermark=True))
+    marked.load()
+    assert isinstance(marked.pipe.watermark, _StubWatermarker)
+    before = _StubWatermarker.calls
+    marked.generate(PROMPTS[:2], [None] * 2, SEEDS[:2], SETTINGS)
+    assert _StubWatermarker.calls == before + 1
+
+
+def test_a_watermark_without_its_package_is_refused(model_cache: Path) -> None:
+    from diffusers.utils.import_utils import is_invisible_watermark_available
+
+    if is_invisible_watermark_available():
+        pytest.skip("invisible-watermark is installed here")
+    with pytest.raises(ModelError, match="install `invisible-watermark`"):
+        ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), watermark=True)).load()
