@@ -107,7 +107,10 @@ class ModelConfig(_Section):
     )
     variant: str | None = Field(
         default=None,
-        description="Weights variant to fetch from the hub (e.g. `fp16` halves the download of SDXL base).",
+        description=(
+            "Weights variant of the base pipeline. Unset: `fp16` for a 16-bit dtype where the source (hub, folder, "
+            "object-store mirror) has it (half the bytes of the float32 files), else the default files."
+        ),
     )
     dtype: DType = Field(
         default="auto",

@@ -23,6 +23,7 @@ from pipeline.models.weights import (
     default_cache_dir,
     fp16_variant,
     is_file_ref,
+    pipeline_fp16_variant,
     resolve_folder,
     resolve_pipeline_source,
     resolve_weights_file,
@@ -97,7 +98,8 @@ _NO_WATERMARKER = (
 def _watermark_available() -> bool:
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
 
-    return bool(pipeline_stable_diffusion_xl.is_invisible_watermark_available())
+    # The pipeline module's own name: what its constructor reads (and what a test stands in for).
+    return bool(pipeline_stable_diffusion_xl.is_invisible_watermark_available())  # type: ignore[attr-defined]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -190,10 +192,11 @@ class ImageGenerator:
         if self.model.watermark and not _watermark_available():
             raise ModelError(_NO_WATERMARKER)
         kwargs: dict[str, Any] = {"dtype": self.dtype, "add_watermarker": self.model.watermark}
-        if self.model.variant:
-            kwargs["variant"] = self.model.variant
+        unet_ref = self.model.unet or self.preset.unet
+        variant = self.model.variant or self._base_variant(source, unet_ref)
+        if variant:
+            kwargs["variant"] = variant
         try:
-            unet_ref = self.model.unet or self.preset.unet
             if unet_ref:
                 kwargs["unet"] = self._load_unet(source, unet_ref)
             vae_ref = self.vae_ref()
@@ -227,6 +230,18 @@ class ImageGenerator:
             # for the next call. Kept in float32 from load, it has one state; latents are cast.
             self.pipe.vae.to(dtype=torch.float32)
             self.techniques.append("vae=float32")
+
+    def _base_variant(self, source: str, unet_ref: str | None) -> str | None:
+        """The fp16 files of the base pipeline for a 16-bit model, where it has them (`model.variant`
+        unset); else its default files, saying so: they are twice the bytes to read and convert."""
+        import torch
+
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        variant = pipeline_fp16_variant(source, self.dtype, component="text_encoder_2" if unet_ref else "unet")
+        if variant is None:
+            logger.info("no fp16 variant in %s: loading its default (float32) files into %s", source, self.dtype)
+        return variant
 
     def _check_watermark(self, pipe: Any) -> None:
         """The invisible watermark only where `model.watermark` asks for it: diffusers builds it

@@ -144,6 +144,28 @@ def fp16_variant(folder: str, dtype: torch.dtype) -> str | None:
     return "fp16" if present else None
 
 
+def pipeline_fp16_variant(source: str, dtype: torch.dtype, *, component: str = "unet") -> str | None:
+    """`fp16_variant` for a whole pipeline (a local folder or a hub id): "fp16" where its
+    `component` ships one, that being the largest component the job loads from it (the UNet, or
+    the second text encoder when the UNet comes from elsewhere). diffusers loads the variant for
+    every component that has it and the default files for the others (checked on diffusers
+    0.42.1). Every model card of SDXL and its derivatives loads `variant="fp16"`: the float32
+    files are twice the bytes (some 14 GB against 7 GB for SDXL base), read and converted on the
+    actor's one CPU thread."""
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    names = (
+        _FP16_FILES if component in ("unet", "vae") else ("model.fp16.safetensors", "model.safetensors.index.fp16.json")
+    )
+    if os.path.isdir(source):
+        present = any(os.path.isfile(os.path.join(source, component, name)) for name in names)
+    else:
+        present = any(_in_hub_repo(source, f"{component}/{name}") for name in names)
+    return "fp16" if present else None
+
+
 def _in_hub_repo(repo_id: str, filename: str) -> bool:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError

@@ -271,3 +271,36 @@ def test_a_watermark_without_its_package_is_refused(model_cache: Path) -> None:
         pytest.skip("invisible-watermark is installed here")
     with pytest.raises(ModelError, match="install `invisible-watermark`"):
         ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), watermark=True)).load()
+
+
+def test_a_16_bit_model_reads_the_base_pipelines_fp16_files(
+    tmp_path: Path, tiny_dir: Path, model_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The base pipeline's fp16 files are read for a 16-bit model where they exist (as every SDXL
+    model card loads them), its default files otherwise. Here the fp16 files hold other weights
+    than the float32 ones, so the loaded UNet shows which files were read."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_dir, folder)
+    shifted = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    with torch.no_grad():
+        for parameter in shifted.unet.parameters():
+            parameter.add_(0.5)
+    shifted.to(torch.float16).save_pretrained(str(folder), variant="fp16")
+    default = next(StableDiffusionXLPipeline.from_pretrained(str(tiny_dir)).unet.parameters())
+    fp16 = next(shifted.unet.parameters())
+
+    def first_unet_weight(path: Path, dtype: str) -> torch.Tensor:
+        generator = ImageGenerator(ModelConfig(preset="tiny", path=str(path), dtype=dtype, cache_dir=str(model_cache)))
+        generator.load()
+        assert generator.pipe is not None
+        return next(generator.pipe.unet.parameters()).float()
+
+    assert torch.equal(first_unet_weight(folder, "bfloat16"), fp16.to(torch.bfloat16).float())
+    assert torch.equal(first_unet_weight(folder, "float32"), default.float())
+    with caplog.at_level("INFO", logger="pipeline.models.generator"):
+        assert torch.equal(first_unet_weight(tiny_dir, "bfloat16"), default.to(torch.bfloat16).float())
+    assert "no fp16 variant in" in caplog.text
