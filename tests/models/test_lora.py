@@ -200,3 +200,31 @@ def test_the_verdicts_and_their_wording() -> None:
     )
     assert check_fit(fit, allow_partial=True) == 8
     assert check_fit(LoraFit(ref="x", layers=0, loaded=3), allow_partial=False) == 0  # a layout we cannot count
+
+
+def test_loras_are_fused_on_the_device(
+    tiny_dir: Path, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline moves to its device before its LoRAs are loaded and fused: peft merges each
+    layer where its weight is (on a GPU in well under a second; on the actor's one CPU thread
+    10-30 s for an SDXL LoRA). Recorded here as the order of the calls, and the UNet's device at
+    `fuse_lora` (the CPU here; CUDA in the `gpu` variant)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    events: list[str] = []
+    to, fuse = StableDiffusionXLPipeline.to, StableDiffusionXLPipeline.fuse_lora
+
+    def recording_to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        events.append("to")
+        return to(self, *args, **kwargs)
+
+    def recording_fuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        events.append(f"fuse_lora on {self.unet.device.type}")
+        return fuse(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "to", recording_to)
+    monkeypatch.setattr(StableDiffusionXLPipeline, "fuse_lora", recording_fuse)
+    lora = save_tiny_lora(tiny_dir, tmp_path, "lora.safetensors", seed=5)
+    generator = _load(model_cache, lora=str(lora))
+    device = generator.device
+    assert events[:2] == ["to", f"fuse_lora on {device}"]
