@@ -570,14 +570,17 @@ class ImageGenerator:
     def _padded(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int]
     ) -> tuple[list[str], list[str | None], list[int]]:
-        """With `compile`, a call smaller than the actor's largest is padded with copies of its
-        first row. torch.compile specialises the UNet on its input shapes: every other batch size
-        (a settings group, a resume gap, the last batch, an out-of-memory split) would compile
-        again, idling the GPU for minutes each time, and past torch's recompile limit the UNet
-        silently runs uncompiled. Each row draws its noise from its own generator, so padding
-        does not change the real rows' images."""
-        target = self.max_batch or self.batch_size
-        missing = (target or 0) - len(prompts)
+        """With `compile`, a call is padded with copies of its first row to the next power of two
+        (or the actor's largest batch). torch.compile specialises the UNet on its input shapes:
+        every other batch size (a settings group's tail, a resume gap, the last batch, an
+        out-of-memory split) would compile again, idling the GPU for minutes each time, and past
+        torch's recompile limit the UNet silently runs uncompiled. Powers of two bound the shapes
+        at log2(batch) + 1 per settings group and waste under half a call, where padding every
+        call to the largest batch made a 1-row tail cost a whole batch. Each row draws its noise
+        from its own generator, so padding does not change the real rows' images."""
+        largest = self.max_batch or self.batch_size or len(prompts)
+        target = min(largest, padded_size(len(prompts)))
+        missing = target - len(prompts)
         if not self.model.compile or missing <= 0:
             return prompts, negative_prompts, seeds
         return (
@@ -628,6 +631,11 @@ class ImageGenerator:
                 self.decode_chunk(settings),
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def padded_size(rows: int) -> int:
+    """The batch a compiled call of `rows` rows runs at: the next power of two."""
+    return 1 << max(0, rows - 1).bit_length()
 
 
 # Compiled UNet shapes an actor keeps: (size, CFG) groups x the batch sizes `tune` sweeps on it.

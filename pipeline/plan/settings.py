@@ -46,6 +46,28 @@ def fill_settings(table: pa.Table, defaults: SettingDefaults) -> pa.Table:
     return table
 
 
+def order_by_settings(table: pa.Table) -> pa.Table:
+    """The rows in runs of equal render settings (the key of `group_by_settings`), in their order
+    within each run (a stable sort). The read stage orders each row group so: the generators take
+    it in slices, and a slice of one settings group is one full model call, where rows in file
+    order (a real manifest mixes sizes, steps and negative prompts) make as many small calls as
+    the slice holds groups (benchmarks/results/settings_mix.md)."""
+    if table.num_rows < 2:
+        return table
+    guidance = table.column("guidance_scale")
+    negatives = pc.cast(table.column("negative_prompt"), pa.string())
+    negative = pc.fill_null(pc.not_equal(pc.utf8_length(negatives), 0), False)
+    cfg_negative = pc.and_(pc.greater(pc.cast(guidance, pa.float64()), 1.0), negative)
+    keys = pa.table({
+        "width": table.column("width"), "height": table.column("height"), "steps": table.column("steps"),
+        "guidance_scale": guidance, "negative": cfg_negative,
+    })  # fmt: skip
+    order = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names])
+    if order.equals(pa.array(range(table.num_rows), pa.uint64())):
+        return table
+    return table.take(order)
+
+
 def group_by_settings(table: pa.Table) -> dict[RenderSettings, list[int]]:
     """Row indices of `table` grouped by identical render settings, in first-seen order.
 

@@ -23,7 +23,7 @@ from pipeline.output.writer import TELEMETRY, PartWriter
 from pipeline.plan.manifest import COLUMNS, Fragment, RowRules
 from pipeline.plan.rows import read_pending, resolve, unpack_mask
 from pipeline.plan.schema import conform
-from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings, order_by_settings
 from pipeline.run.encoding import encode_batch
 from pipeline.run.telemetry import JobMetrics, UtilizationSampler, nvml_reader
 
@@ -81,7 +81,8 @@ class ReadManifest:
         for task in batch.select(list(self.needs)).to_pylist():
             # Done rows (resume) and rejected rows never reach a GPU.
             table = read_pending(task, self._mask(task["file"], task["file_rows"]), self.storage, self.rules)
-            table = fill_settings(table, self.defaults)
+            # In runs of equal settings: a slice of one run is one full model call (`order_by_settings`).
+            table = order_by_settings(fill_settings(table, self.defaults))
             tables.append(table if self.passthrough is None else conform(table, self.passthrough, keep=COLUMNS))
         return pa.concat_tables(tables, promote_options="permissive")
 

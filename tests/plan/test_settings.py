@@ -7,7 +7,7 @@ import pyarrow as pa
 from pipeline.core.config import GenerationConfig
 from pipeline.core.render import RenderSettings
 from pipeline.models.presets import get_preset
-from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings
+from pipeline.plan.settings import SettingDefaults, fill_settings, group_by_settings, order_by_settings
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -59,3 +59,24 @@ def test_rows_batch_only_with_compatible_rows() -> None:
         RenderSettings(128, 128, 4, 2.0, negative=True): [4],
         RenderSettings(128, 128, 4, 2.0, negative=False): [5],
     }
+
+
+def test_rows_are_ordered_in_runs_of_equal_settings() -> None:
+    """The read stage's order: runs of one settings group each (the key of `group_by_settings`),
+    rows in their manifest order within a run; a negative prompt splits rows only under CFG."""
+    rows: list[dict[str, Any]] = [
+        {"width": 256}, {}, {"guidance_scale": 2.0, "negative_prompt": "blurry"}, {"negative_prompt": "blurry"},
+        {"width": 256}, {"guidance_scale": 2.0}, {}, {"guidance_scale": 2.0, "negative_prompt": ""},
+    ]  # fmt: skip
+    table = fill_settings(_table(rows), SettingDefaults(128, 128, 4, 0.0)).append_column("row", pa.array(range(8)))
+    ordered = order_by_settings(table)
+    groups = group_by_settings(ordered)
+    starts = 0
+    for indices in groups.values():  # each group one run, in manifest order
+        assert indices == list(range(starts, starts + len(indices)))
+        rows_in_run = ordered.column("row").to_pylist()[starts : starts + len(indices)]
+        assert rows_in_run == sorted(rows_in_run)
+        starts += len(indices)
+    assert sorted(ordered.column("row").to_pylist()) == list(range(8))
+    assert [len(ix) for ix in groups.values()] == [3, 2, 1, 2]  # 128 no CFG, 128 CFG (none/empty), +neg, 256
+    assert order_by_settings(table.slice(0, 1)) == table.slice(0, 1)
