@@ -141,6 +141,10 @@ class ImageGenerator:
         # where a batch size that does not fit as asked is the finding).
         self.split_on_oom = True
         self.stage_seconds: dict[str, float] = {}  # seconds per phase, summed over calls
+        # Seconds inside the UNet's forward passes, summed over calls: within `denoise`, so kept
+        # apart from the phases. Denoising less this is the GPU's idle time between steps.
+        self.unet_seconds = 0.0
+        self._timer: StageTimer | None = None
         self.lora_layers_unmatched = 0  # layers of partly matching LoRAs left out (`allow_partial_lora`)
 
     @property
@@ -227,6 +231,7 @@ class ImageGenerator:
         self._apply_loras(pipe)
         self.pipe = pipe
         self.techniques = self._apply_techniques(self.pipe)
+        self._time_unet_forwards(self.pipe.unet)
         if vae_needs_float32(self.pipe.vae):
             # diffusers casts such a VAE to float32 and back around every decode (twice per chunk,
             # with a deprecation warning each time), and an error in between leaves it in float32
@@ -380,6 +385,24 @@ class ImageGenerator:
             applied.append("compile")
         return applied
 
+    def _time_unet_forwards(self, unet: Any) -> None:
+        """Time every UNet forward pass (hooks on the module the pipeline calls, outside a compiled
+        graph): events on CUDA, read at the call's one synchronize. The phases span the whole call
+        on the GPU's timeline, so their share of wall time is about 1 by construction; the share of
+        the UNet's passes (with the VAE's decode) is not, and falls when the host holds the GPU up
+        between steps (scheduler steps, synchronising copies)."""
+
+        def before(*_: Any) -> None:
+            if self._timer is not None:
+                self._timer.start("unet")
+
+        def after(*_: Any) -> None:
+            if self._timer is not None:
+                self._timer.stop("unet")
+
+        unet.register_forward_pre_hook(before)
+        unet.register_forward_hook(after)
+
     def _attention_kernels(self) -> Any:
         """`attention: flash` restricts PyTorch's SDPA to the flash kernel. `generate` enters it
         around the denoising loop only: the UNet's attention heads are 64 wide, within the kernel's
@@ -530,7 +553,7 @@ class ImageGenerator:
             out = self.host_pixels(rows, settings)
         prompts, negative_prompts, seeds = self._padded(prompts, negative_prompts, seeds)
         pipe = self.pipe
-        timer = StageTimer(self.device)
+        timer = self._timer = StageTimer(self.device)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         negatives = [n or "" for n in negative_prompts] if settings.negative else None
         # The full LCM UNet takes guidance as an embedding, not as classifier-free guidance.
@@ -562,7 +585,10 @@ class ImageGenerator:
                 pixels = self._decode(latents[:rows], settings)  # padding rows are never decoded
             with timer("to_host"):
                 out.copy_(pixels, non_blocking=out.is_pinned())
-        for stage, seconds in timer.finish().items():
+        self._timer = None
+        phases = timer.finish()
+        self.unet_seconds += phases.pop("unet", 0.0)
+        for stage, seconds in phases.items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         result: np.ndarray = out.numpy()
         return result
@@ -658,6 +684,31 @@ class StageTimer:
         self.device = device
         self.seconds: dict[str, float] = {}
         self._events: list[tuple[str, Any, Any]] = []
+        self._open: dict[str, Any] = {}  # spans begun by `start`
+
+    def start(self, stage: str) -> None:
+        """Open a span of `stage` (closed by `stop`): for hooks, which cannot hold a `with`."""
+        if self.device == "cuda":
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._open[stage] = event
+        else:
+            self._open[stage] = time.perf_counter()
+
+    def stop(self, stage: str) -> None:
+        begun = self._open.pop(stage, None)
+        if begun is None:
+            return
+        if self.device == "cuda":
+            import torch
+
+            end_event = torch.cuda.Event(enable_timing=True)
+            end_event.record()
+            self._events.append((stage, begun, end_event))
+        else:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - begun
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:

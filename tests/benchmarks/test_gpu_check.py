@@ -31,7 +31,8 @@ def test_gpu_check_runs_at_tiny_size_without_ray_or_s3fs(tmp_path: Path) -> None
     rows = [[cell.strip() for cell in row] for row in rows[1:]]  # below the header
     assert [(r[0], r[1], r[3]) for r in rows] == [
         ("defaults", "lightning-4step", "4"), ("defaults", "lightning-4step", "8"), ("defaults", "turbo", "8"),
-        ("defaults", "sdxl-base", "4"), ("all switches on (defaults)", "lightning-4step", "8"),
+        ("defaults", "sdxl-base", "4"), ("LoRA loaded and fused (kohya layout)", "lightning-lora-4step", "8"),
+        ("all switches on (defaults)", "lightning-4step", "8"),
         ("channels_last off", "lightning-4step", "8"), ("vae_channels_last off", "lightning-4step", "8"),
         ("fuse_qkv off", "lightning-4step", "8"), ("pinned_copy off", "lightning-4step", "8"),
         ("attention eager", "lightning-4step", "8"), ("attention flash", "lightning-4step", "8"),
@@ -42,6 +43,7 @@ def test_gpu_check_runs_at_tiny_size_without_ray_or_s3fs(tmp_path: Path) -> None
             assert row[4].startswith("error: ValidationError") and "flash needs a 16-bit dtype" in row[4]
             continue
         assert float(row[6]) > 0  # images/s measured
+        assert 0 < float(row[9]) <= float(row[8]) and float(row[10]) >= 0 and row[11] == "-"  # work, idle, syncs
         if row[3] != "8" or row[1] != "lightning-4step" or row[0] != "defaults":  # the first row of each load
             assert float(row[4]) > 0 and float(row[5]) >= float(row[4])  # load, then first image
     assert "target (>= 10 images/s" in table.read_text()
