@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser demo test test-unit lint format docs bench clean
+.PHONY: venv browser demo test test-unit test-gpu lint format docs bench clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ test: venv browser
 # The fast lane: no pipeline loaded, no fuzzing, no processes (under 2 minutes).
 test-unit: venv
 	$(BIN)/pytest -q -m "not model and not fuzz and not integration"
+
+# The tests that need a CUDA device (marked `gpu`; `make test` runs them too). Without one they are
+# listed as skipped; no test marked at all (pytest's exit status 5) fails with a message.
+test-gpu: venv
+	$(BIN)/pytest -q -m gpu -rs || { status=$$?; [ $$status -ne 5 ] || echo "make test-gpu: no test is marked gpu" >&2; exit $$status; }
 
 lint: venv
 	$(BIN)/ruff check .

@@ -19,9 +19,11 @@ def test_gpu_check_runs_at_tiny_size_without_ray_or_s3fs(tmp_path: Path) -> None
     script = REPO / "benchmarks" / "gpu_throughput.py"
     argv = [str(script), "--size", "tiny", "--quick", "--warmup", "1", "--iters", "1", "--results-dir", str(tmp_path)]
     blocked = f"import runpy, sys; sys.modules.update(ray=None, s3fs=None); sys.argv = {argv!r}; "
+    # On the CPU wherever this runs: the script picks CUDA where torch sees it, and its CPU table is checked here.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-c", blocked + f"runpy.run_path({str(script)!r}, run_name='__main__')"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (table,) = tmp_path.glob("gpu_throughput-cpu-tiny.md")

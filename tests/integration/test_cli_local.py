@@ -16,14 +16,16 @@ pytestmark = pytest.mark.integration
 
 
 def _config(tmp_path: Path, model_cache: Path, manifest: Path, output: Path, **generation: object) -> Path:
+    """A CPU job, on a machine with GPUs too: no GPU per actor, the model on the CPU (so no per-GPU
+    figures and float32, to which the images' tolerances are set)."""
     return write_config(
         tmp_path / "job.yaml",
         manifest=str(manifest),
         output=str(output),
-        model={"preset": "tiny", "cache_dir": str(model_cache)},
+        model={"preset": "tiny", "cache_dir": str(model_cache), "device": "cpu"},
         generation={"batch_size": 4, **generation},
         write={"rows_per_part": 5},
-        resources={"actors": 1},
+        resources={"actors": 1, "gpus_per_actor": 0},
     )
 
 

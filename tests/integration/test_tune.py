@@ -15,6 +15,9 @@ from tests.helpers import prompt_rows, run_cli, write_config, write_manifest
 
 pytestmark = pytest.mark.integration
 INJECT = Path(__file__).with_name("inject")
+# A machine without GPUs wherever this runs: CUDA hidden from the CLI, whose embedded Ray then
+# counts no GPUs (tune's one type is the machine's CPU) and whose actors' torch sees none.
+NO_GPUS = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture
@@ -38,6 +41,7 @@ def test_tune_probes_memory_records_out_of_memory_and_writes_the_best_config(tmp
     env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
         "SDXL_BATCH_TEST_OOM_ABOVE": "2",
+        **NO_GPUS,
     }
     result = run_cli(
         "tune", str(job), "--batch-sizes", "1,2,4", "--sample", "8", "--gpu-hour-price", "3.6",
@@ -70,19 +74,19 @@ def test_tune_probes_memory_records_out_of_memory_and_writes_the_best_config(tmp
     assert config.resources.torch_threads is None and "fleet" not in yaml.safe_load(text)
 
     # estimate --from: the tuned rate on this machine.
-    estimate = run_cli("estimate", str(job), "--from", str(work / "tune.json"), "--gpu-hour-price", "3.6")
+    estimate = run_cli("estimate", str(job), "--from", str(work / "tune.json"), "--gpu-hour-price", "3.6", env=NO_GPUS)
     assert estimate.returncode == 0, estimate.stderr
     assert "rows to render   6" in estimate.stdout and "1 x CPU" in estimate.stdout
     assert f"{best['images_per_second']:.3g}" in estimate.stdout or "images/s" in estimate.stdout
     # Other image settings than the tuning measured: refused with what to do.
-    other = run_cli("estimate", str(job), "--from", str(work / "tune.json"), "--set", "generation.steps=2")
+    other = run_cli("estimate", str(job), "--from", str(work / "tune.json"), "--set", "generation.steps=2", env=NO_GPUS)
     assert other.returncode == 2 and "run `sdxl-batch tune` with this config" in other.stderr
 
 
 def test_estimate_from_a_calibration_run(tmp_path: Path, job: Path) -> None:
     result = run_cli(
         "estimate", str(job), "--sample", "4", "--gpu-hour-price", "2", "--no-progress",
-        "--set", "resources.gpu_hour_price=1", "--work-dir", str(tmp_path / "estimate"),
+        "--set", "resources.gpu_hour_price=1", "--work-dir", str(tmp_path / "estimate"), env=NO_GPUS,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ SETTINGS = RenderSettings(width=128, height=128, steps=4, guidance_scale=0.0)
 
 @pytest.fixture(scope="module")
 def tiny_generator(model_cache: Path) -> ImageGenerator:
-    generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache)))
+    """On the CPU wherever this runs: the tests compare it with a plain diffusers pipeline on the
+    CPU, and name the CPU's memory."""
+    generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), device="cpu"))
     generator.load()
     return generator
 
@@ -79,8 +82,11 @@ def _save_unet(tiny_dir: Path, target: Path, seed: int) -> dict[str, torch.Tenso
 
 
 def _lightning_on_tiny(tiny_dir: Path, model_cache: Path, unet: Path) -> ImageGenerator:
+    """On the CPU in float32: the loaded weights are compared with the saved ones as they are."""
     return ImageGenerator(
-        ModelConfig(preset="lightning-4step", path=str(tiny_dir), unet=str(unet), cache_dir=str(model_cache))
+        ModelConfig(
+            preset="lightning-4step", path=str(tiny_dir), unet=str(unet), cache_dir=str(model_cache), device="cpu"
+        )
     )
 
 
@@ -293,11 +299,13 @@ def test_a_16_bit_model_reads_the_base_pipelines_fp16_files(
     default = next(StableDiffusionXLPipeline.from_pretrained(str(tiny_dir)).unet.parameters())
     fp16 = next(shifted.unet.parameters())
 
-    def first_unet_weight(path: Path, dtype: str) -> torch.Tensor:
-        generator = ImageGenerator(ModelConfig(preset="tiny", path=str(path), dtype=dtype, cache_dir=str(model_cache)))
+    def first_unet_weight(path: Path, dtype: Literal["float32", "bfloat16"]) -> torch.Tensor:
+        model = ModelConfig(preset="tiny", path=str(path), dtype=dtype, cache_dir=str(model_cache), device="cpu")
+        generator = ImageGenerator(model)  # on the CPU, beside the weights it is compared with
         generator.load()
         assert generator.pipe is not None
-        return next(generator.pipe.unet.parameters()).float()
+        weight: torch.Tensor = next(generator.pipe.unet.parameters()).float()
+        return weight
 
     assert torch.equal(first_unet_weight(folder, "bfloat16"), fp16.to(torch.bfloat16).float())
     assert torch.equal(first_unet_weight(folder, "float32"), default.float())

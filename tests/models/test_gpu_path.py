@@ -32,7 +32,9 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _generator(model_cache: Path, **model: Any) -> ImageGenerator:
-    generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), **model))
+    """On the CPU unless `device` says otherwise: the checks here are the CPU's, and a CUDA
+    machine's default device would change what they compare."""
+    generator = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), **{"device": "cpu", **model}))
     generator.load()
     return generator
 
@@ -101,6 +103,13 @@ def test_flash_attention_needs_a_16_bit_dtype(model_cache: Path) -> None:
         _generator(model_cache, attention="flash")  # dtype auto is float32 on CPU
 
 
+@pytest.mark.gpu
+def test_flash_attention_takes_the_auto_dtype_on_cuda(model_cache: Path) -> None:
+    """Where the CPU refuses it, CUDA's `dtype: auto` is 16-bit: flash loads as asked."""
+    generator = _generator(model_cache, device="cuda", attention="flash")
+    assert generator.dtype in (torch.bfloat16, torch.float16) and "attention=flash" in generator.techniques
+
+
 # --- 2. the float16 model's VAE is float32 from load ---------------------------------------------
 
 
@@ -143,7 +152,9 @@ def test_compiled_unet_runs_a_few_bucketed_shapes(model_cache: Path, monkeypatch
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    compiled = ImageGenerator(ModelConfig(preset="tiny", cache_dir=str(model_cache), compile=True), batch_size=4)
+    compiled = ImageGenerator(
+        ModelConfig(preset="tiny", cache_dir=str(model_cache), device="cpu", compile=True), batch_size=4
+    )
     compiled.compile_backend = counter
     compiled.load()
     calls = _Counting(compiled.pipe, decode_limit=99, hold=[])

@@ -187,8 +187,10 @@ def test_folder_unets_take_the_fp16_variant_for_16_bit_models(
     folder = tmp_path / "unet"
     tiny_unet(tiny_dir, seed=1).save_pretrained(str(folder))
     tiny_unet(tiny_dir, seed=2).half().save_pretrained(str(folder), variant="fp16")
-    generator = ImageGenerator(
-        ModelConfig(preset="tiny", path=str(tiny_dir), unet=str(folder), dtype=dtype, cache_dir=str(model_cache))
+    generator = ImageGenerator(  # on the CPU, beside the weights it is compared with
+        ModelConfig(
+            preset="tiny", path=str(tiny_dir), unet=str(folder), dtype=dtype, cache_dir=str(model_cache), device="cpu"
+        )
     )
     generator.load()
     expected = tiny_unet(tiny_dir, seed=seed).to(getattr(torch, dtype)).state_dict()

@@ -89,13 +89,14 @@ def test_lcm_guidance_goes_through_the_unet_embedding(tiny_hub: Path, model_cach
 
 
 def test_lora_changes_the_output_and_fusing_preserves_it(tiny_hub: Path, model_cache: Path) -> None:
-    without = _render(_load(model_cache, preset="tiny"))  # the same base weights, scheduler and steps
-    fused = _render(_load(model_cache, preset="lightning-lora-4step"))
-    unfused_generator = _load(model_cache, preset="lightning-lora-4step", fuse_loras=False)
+    # On the CPU: fused and unfused agree within float32's tolerance, not necessarily a 16-bit GPU's.
+    without = _render(_load(model_cache, preset="tiny", device="cpu"))  # the same base weights, scheduler and steps
+    fused = _render(_load(model_cache, preset="lightning-lora-4step", device="cpu"))
+    unfused_generator = _load(model_cache, preset="lightning-lora-4step", fuse_loras=False, device="cpu")
     unfused = _render(unfused_generator)
     assert np.abs(fused.astype(int) - without.astype(int)).max() > 10
     assert np.abs(fused.astype(int) - unfused.astype(int)).max() <= 2
-    fused_unet = _load(model_cache, preset="lightning-lora-4step").pipe.unet
+    fused_unet = _load(model_cache, preset="lightning-lora-4step", device="cpu").pipe.unet
     assert not any(hasattr(m, "lora_A") for m in fused_unet.modules())  # adapters unloaded after fusing
     assert any(hasattr(m, "lora_A") for m in unfused_generator.pipe.unet.modules())
 
@@ -103,9 +104,12 @@ def test_lora_changes_the_output_and_fusing_preserves_it(tiny_hub: Path, model_c
 def test_style_loras_stack_with_weights(tiny_hub: Path, model_cache: Path, tmp_path: Path) -> None:
     base = tiny_hub / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots"
     style = save_tiny_lora(next(base.iterdir()), tmp_path, "toy_face.safetensors", seed=99)
-    plain = _render(_load(model_cache, preset="lcm-lora"))
-    zero = _render(_load(model_cache, preset="lcm-lora", loras=[LoraConfig(path=str(style), weight=0.0)]))
-    styled = _render(_load(model_cache, preset="lcm-lora", loras=[LoraConfig(path=str(style), weight=0.8)]))
+    # On the CPU, as above: a LoRA of weight 0 leaves the images within float32's tolerance.
+    plain = _render(_load(model_cache, preset="lcm-lora", device="cpu"))
+    zero = _render(_load(model_cache, preset="lcm-lora", device="cpu", loras=[LoraConfig(path=str(style), weight=0.0)]))
+    styled = _render(
+        _load(model_cache, preset="lcm-lora", device="cpu", loras=[LoraConfig(path=str(style), weight=0.8)])
+    )
     assert np.abs(zero.astype(int) - plain.astype(int)).max() <= 2
     assert np.abs(styled.astype(int) - plain.astype(int)).max() > 10
 

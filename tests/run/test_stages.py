@@ -46,7 +46,7 @@ def test_load_and_every_batch_run_on_the_same_thread(
     config = JobConfig.model_validate({
         "manifest": str(tmp_path / "m.parquet"),
         "output": str(tmp_path / "out"),
-        "model": {"preset": "tiny", "cache_dir": str(model_cache)},
+        "model": {"preset": "tiny", "cache_dir": str(model_cache), "device": "cpu"},  # a CPU actor, as placed
         "resources": {"torch_threads": 1},
     })  # fmt: skip
     stage = stages.GenerateImages(**generator_kwargs(config))
@@ -92,7 +92,7 @@ def test_mixed_settings_share_one_pixel_buffer(
     config = JobConfig.model_validate({
         "manifest": str(tmp_path / "m.parquet"),
         "output": str(tmp_path / "out"),
-        "model": {"preset": "tiny", "cache_dir": str(model_cache)},
+        "model": {"preset": "tiny", "cache_dir": str(model_cache), "device": "cpu"},  # a CPU actor, as placed
         "generation": {"batch_size": 3},
     })  # fmt: skip
     stage = stages.GenerateImages(**generator_kwargs(config))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from pipeline.run.telemetry import METRICS, JobMetrics, UtilizationSampler, nvml_reader
 
 
@@ -31,8 +33,9 @@ def test_sampler_stops_when_the_reader_fails() -> None:
     assert not sampler.thread.is_alive() and sampler.mean_since(0) is None
 
 
-def test_no_nvml_without_cuda_and_metrics_never_raise() -> None:
-    assert nvml_reader() is None  # no CUDA device on this machine
+def test_no_nvml_without_cuda_and_metrics_never_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a machine without CUDA, wherever this runs
+    assert nvml_reader() is None
     metrics = JobMetrics(job="out", model="tiny")  # outside a Ray worker
     metrics.batch(images=4, calls=[0.5], stages={"denoise": 0.4}, oom_retries=1)
     metrics.gpu(gpu="gpu0", utilization=95.0, memory_peak_bytes=1e9)
