@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.models.generator import padded_size
+from pipeline.models.techniques import padded_size
 from pipeline.plan.settings import SettingDefaults, fill_settings, order_by_settings
 from pipeline.run.stages import contiguous_groups
 

@@ -9,16 +9,16 @@ plain diffusers call with `generator=torch.Generator("cpu").manual_seed(seed)` r
 from __future__ import annotations
 
 import logging
-import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ModelError
 from pipeline.core.render import RenderSettings
+from pipeline.models.decoding import DECODE_PIXELS, decode_latents, to_uint8, vae_needs_float32
+from pipeline.models.devices import choose_device, choose_dtype, is_out_of_memory
 from pipeline.models.loading import load_unet_file
 from pipeline.models.presets import Preset, get_preset, vae_label, vae_source
+from pipeline.models.techniques import apply_techniques, attention_kernels, padded_size
+from pipeline.models.timing import StageTimer
 from pipeline.models.weights import (
     default_cache_dir,
     fp16_variant,
@@ -36,27 +36,6 @@ if TYPE_CHECKING:
     from pipeline.core.config import ModelConfig, StorageConfig
 
 logger = logging.getLogger(__name__)
-
-
-def choose_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device is 'cuda' but no CUDA device is visible to this actor")
-    return requested
-
-
-def choose_dtype(requested: str, device: str) -> torch.dtype:
-    import torch
-
-    if requested == "auto":
-        if device != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dtype: torch.dtype = getattr(torch, requested)
-    return dtype
 
 
 def make_scheduler(preset: Preset, stored: Any) -> Any:
@@ -100,18 +79,6 @@ def _watermark_available() -> bool:
 
     # The pipeline module's own name: what its constructor reads (and what a test stands in for).
     return bool(pipeline_stable_diffusion_xl.is_invisible_watermark_available())  # type: ignore[attr-defined]
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for an accelerator (or host) allocation failure, which a smaller batch may avoid."""
-    import torch
-
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error)
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in message.lower() or "can't allocate memory" in message
-    )
 
 
 class ImageGenerator:
@@ -230,7 +197,13 @@ class ImageGenerator:
         pipe = pipe.to(self.device)
         self._apply_loras(pipe)
         self.pipe = pipe
-        self.techniques = self._apply_techniques(self.pipe)
+        self.techniques = apply_techniques(
+            self.pipe,
+            self.model,
+            device=self.device,
+            loras_fused=self.model.fuse_loras or not self.lora_refs(),
+            compile_backend=self.compile_backend,
+        )
         self._time_unet_forwards(self.pipe.unet)
         if vae_needs_float32(self.pipe.vae):
             # diffusers casts such a VAE to float32 and back around every decode (twice per chunk,
@@ -317,73 +290,16 @@ class ImageGenerator:
         return adapters
 
     def _apply_loras(self, pipe: Any) -> None:
-        """Load LoRAs through peft and, by default, fuse them into the base weights.
+        """The acceleration and style LoRAs, loaded, checked and (by default) fused (`models.lora`)."""
+        from pipeline.models.lora import load_loras
 
-        Unfused, every LoRA-wrapped layer runs two extra small matmuls per call; fusing folds
-        W + scale * B @ A into W once at load, and unloading the adapters afterwards removes the
-        wrappers, so a LoRA preset then costs exactly what the full model costs per image.
-
-        Each file must fit the pipeline layer for layer (`pipeline.models.lora`): diffusers drops
-        the layers it cannot place with a log line only. `model.allow_partial_lora` lets a partial
-        match through; `lora_layers_unmatched` then counts the dropped layers for stats.json.
-        """
-        from pipeline.models.lora import check_fit, measure_fit, unexpected_key_warnings_held
-
-        self.lora_layers_unmatched = 0
-        adapters = self.lora_refs()
-        if not adapters:
-            return
-        for name, ref, _ in adapters:
-            path = resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir)
-            try:
-                with unexpected_key_warnings_held():
-                    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
-            except (ValueError, KeyError, RuntimeError) as error:
-                raise ModelError(f"LoRA {ref} does not fit this pipeline: {str(error)[:500]}") from None
-            fit = measure_fit(pipe, adapter=name, ref=ref, path=path)
-            self.lora_layers_unmatched += check_fit(fit, allow_partial=self.model.allow_partial_lora)
-        names = [name for name, _, _ in adapters]
-        pipe.set_adapters(names, adapter_weights=[weight for _, _, weight in adapters])
-        if self.model.fuse_loras:
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-            pipe.unload_lora_weights()
-
-    def _apply_techniques(self, pipe: Any) -> list[str]:
-        """The speed switches of `model` (each measured on its own by benchmarks/gpu_throughput.py);
-        returns the names of those applied. Layout and fusion switches act on CUDA only."""
-        import torch
-
-        applied = []
-        on_cuda = self.device == "cuda"
-        if self.model.attention == "eager":
-            from diffusers.models.attention_processor import AttnProcessor
-
-            pipe.unet.set_attn_processor(AttnProcessor())
-            pipe.vae.set_attn_processor(AttnProcessor())
-            applied.append("attention=eager")
-        elif self.model.attention == "flash":
-            applied.append("attention=flash")  # a kernel choice around the denoising loop, see `generate`
-        # After LoRA fusion: unfused LoRA layers wrap the separate q/k/v projections.
-        loras_fused = self.model.fuse_loras or not self.lora_refs()
-        if self.model.fuse_qkv and on_cuda and self.model.attention != "eager" and loras_fused:
-            fuse_qkv(pipe)
-            applied.append("fuse_qkv")
-        if self.model.channels_last and on_cuda:
-            pipe.unet.to(memory_format=torch.channels_last)
-            applied.append("channels_last")
-        if self.model.vae_channels_last and on_cuda:
-            pipe.vae.to(memory_format=torch.channels_last)
-            applied.append("vae_channels_last")
-        if self.model.compile:
-            # Compiled lazily, on the first call; `generate` pads calls to one shape per (size, CFG).
-            # A manifest of many sizes, or `tune` sweeping batch sizes on one loaded model, needs
-            # more shapes than dynamo's default of 8 per function, past which the UNet silently runs
-            # uncompiled (and a tuned rate would be an eager one).
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_SHAPES)
-            pipe.unet = torch.compile(pipe.unet, backend=self.compile_backend, fullgraph=False, dynamic=False)
-            applied.append("compile")
-        return applied
+        self.lora_layers_unmatched = load_loras(
+            pipe,
+            [(name, resolve_weights_file(ref, storage=self.storage, cache_dir=self.cache_dir), ref, weight)
+             for name, ref, weight in self.lora_refs()],
+            allow_partial=self.model.allow_partial_lora,
+            fuse=self.model.fuse_loras,
+        )  # fmt: skip
 
     def _time_unet_forwards(self, unet: Any) -> None:
         """Time every UNet forward pass (hooks on the module the pipeline calls, outside a compiled
@@ -402,19 +318,6 @@ class ImageGenerator:
 
         unet.register_forward_pre_hook(before)
         unet.register_forward_hook(after)
-
-    def _attention_kernels(self) -> Any:
-        """`attention: flash` restricts PyTorch's SDPA to the flash kernel. `generate` enters it
-        around the denoising loop only: the UNet's attention heads are 64 wide, within the kernel's
-        limit of 256, while the VAE's mid-block attention is one head of 512, which the kernel refuses
-        ("No available kernel"). The text encoders (one pass per call) keep SDPA's own choice."""
-        from contextlib import nullcontext
-
-        if self.model.attention != "flash":
-            return nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
     def peak_memory_mb(self) -> float:
         """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
@@ -567,7 +470,7 @@ class ImageGenerator:
                     do_classifier_free_guidance=cfg,
                     negative_prompt=negatives,
                 )
-            with timer("denoise"), self._attention_kernels():
+            with timer("denoise"), attention_kernels(self.model.attention):
                 latents = pipe(
                     prompt_embeds=embeds,
                     negative_prompt_embeds=negative_embeds,
@@ -657,140 +560,3 @@ class ImageGenerator:
                 self.decode_chunk(settings),
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def padded_size(rows: int) -> int:
-    """The batch a compiled call of `rows` rows runs at: the next power of two."""
-    return 1 << max(0, rows - 1).bit_length()
-
-
-# Compiled UNet shapes an actor keeps: (size, CFG) groups x the batch sizes `tune` sweeps on it.
-COMPILED_SHAPES = 64
-
-# Pixels decoded per VAE call by default: 4 images at 1024², 16 at 512². SDXL's decoder holds
-# several 128- to 512-channel feature maps at full resolution per image (GBs at 1024²), so an
-# undivided batch of 16 could need more memory than the UNet's whole denoising loop.
-DECODE_PIXELS = 4 * 1024 * 1024
-
-
-class StageTimer:
-    """Seconds per named phase of one model call.
-
-    On CUDA each phase is bracketed by events recorded on the stream, read once the call's last
-    event has completed (`finish`: the call's one synchronize), so that timing costs no sync per
-    phase and queued GPU work counts in the phase that queued it. On CPU, wall seconds."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self._events: list[tuple[str, Any, Any]] = []
-        self._open: dict[str, Any] = {}  # spans begun by `start`
-
-    def start(self, stage: str) -> None:
-        """Open a span of `stage` (closed by `stop`): for hooks, which cannot hold a `with`."""
-        if self.device == "cuda":
-            import torch
-
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._open[stage] = event
-        else:
-            self._open[stage] = time.perf_counter()
-
-    def stop(self, stage: str) -> None:
-        begun = self._open.pop(stage, None)
-        if begun is None:
-            return
-        if self.device == "cuda":
-            import torch
-
-            end_event = torch.cuda.Event(enable_timing=True)
-            end_event.record()
-            self._events.append((stage, begun, end_event))
-        else:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - begun
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        if self.device == "cuda":
-            import torch
-
-            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start_event.record()
-            yield
-            end_event.record()
-            self._events.append((stage, start_event, end_event))
-            return
-        start = time.perf_counter()
-        yield
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def finish(self) -> dict[str, float]:
-        """Wait for the call's last event, then the seconds of each phase."""
-        if self._events:
-            self._events[-1][2].synchronize()
-        for stage, start_event, end_event in self._events:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + start_event.elapsed_time(end_event) / 1000
-        self._events.clear()
-        return self.seconds
-
-
-def vae_needs_float32(vae: Any) -> bool:
-    """Whether a float16 VAE must decode in float32 (SDXL's own VAE overflows in float16; its
-    config says so with `force_upcast`, as diffusers' pipeline reads it)."""
-    import torch
-
-    return bool(vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False))
-
-
-def decode_latents(pipe: Any, latents: Any) -> Any:
-    """Latents → images in [-1, 1], as StableDiffusionXLPipeline does after denoising (latents in
-    the VAE's dtype, latent denormalisation, watermark if any). A float16 VAE that needs float32
-    is float32 from load (`ImageGenerator.adopt`), where diffusers casts it around every call."""
-    import torch
-
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        latents = latents * std_t / vae.config.scaling_factor + mean_t
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
-    if getattr(pipe, "watermark", None) is not None:
-        image = pipe.watermark.apply_watermark(image)
-    return image
-
-
-def to_uint8(images: Any) -> Any:
-    """Decoded images in [-1, 1], (N, 3, H, W) → uint8 (N, H, W, 3) on their device, with the
-    arithmetic of diffusers' `VaeImageProcessor.postprocess` + `numpy_to_pil`: denormalised in the
-    images' dtype, then scaled to 255 and rounded in float32. Scaled in bfloat16, 8% of the values
-    would round to a neighbouring level. Only uint8 crosses to the host (4x fewer bytes)."""
-    import torch
-
-    images = (images * 0.5 + 0.5).clamp(0, 1)
-    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def fuse_qkv(pipe: Any) -> int:
-    """Fuse the q/k/v projections of every attention block of the UNet and the VAE (one matmul
-    instead of three; k/v only for cross-attention), then drop the separate projections the fused
-    processor no longer reads. diffusers keeps them so that `unfuse_qkv_projections` can restore
-    them; we never unfuse, and kept they cost 1.2 GB per actor in bfloat16. Returns the number of
-    parameters dropped."""
-    from diffusers.models.attention_processor import Attention
-
-    pipe.fuse_qkv_projections(unet=True, vae=True)
-    dropped = 0
-    for model in (pipe.unet, pipe.vae):
-        for module in model.modules():
-            if not (isinstance(module, Attention) and getattr(module, "fused_projections", False)):
-                continue
-            for name in ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"):
-                dropped += sum(param.numel() for param in getattr(module, name).parameters())
-                delattr(module, name)
-        model.original_attn_processors = None  # nothing left to unfuse to
-    return dropped

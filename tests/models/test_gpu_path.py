@@ -18,8 +18,10 @@ import torch
 from pipeline.core.config import ModelConfig
 from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.render import RenderSettings
-from pipeline.models import generator as generator_module
-from pipeline.models.generator import ImageGenerator, StageTimer, fuse_qkv
+from pipeline.models.decoding import DECODE_PIXELS
+from pipeline.models.generator import ImageGenerator
+from pipeline.models.techniques import fuse_qkv
+from pipeline.models.timing import StageTimer
 from pipeline.models.tiny import tiny_vae
 
 PROMPTS = ["a fish made out of dendrobium flowers", "3d isometric dungeon game", "a red car", "a dog at night"]
@@ -350,4 +352,4 @@ def test_generate_writes_into_the_given_host_buffer(model_cache: Path) -> None:
     out = generator.host_pixels(2, SMALL)
     images = generator.generate(PROMPTS[:2], [None] * 2, SEEDS[:2], SMALL, out=out)
     assert images.ctypes.data == out.data_ptr() and images.shape == (2, 64, 64, 3)
-    assert generator_module.DECODE_PIXELS == 4 * 1024 * 1024
+    assert DECODE_PIXELS == 4 * 1024 * 1024
