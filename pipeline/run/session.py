@@ -20,6 +20,12 @@ def init_ray(address: str | None, *, metrics_port: int | None = None) -> None:
     """
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray 2.60 warns on every start of a local instance that it enabled token authentication
+        # (with RAY_AUTH_MODE unset): nothing a user of this process-private, loopback-only Ray can
+        # act on. Shown with -v (INFO level), as the rest of the libraries' chatter.
+        token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:
+            token_setup.setLevel(logging.ERROR)
     import ray
 
     if ray.is_initialized():

@@ -66,3 +66,25 @@ def test_user_errors_are_found_in_the_text_of_a_failed_actor_constructor() -> No
     )
     found = user_error(RuntimeError(text))
     assert isinstance(found, ModelError) and str(found).startswith("'x' is neither a local diffusers folder")
+
+
+@pytest.mark.integration  # starts Ray in a process of its own
+def test_an_embedded_ray_starts_without_its_token_warning() -> None:
+    """Ray 2.60 warns at every start of a local instance that it enabled token authentication
+    (RAY_AUTH_MODE unset): nothing to act on for a process-private Ray on loopback. Hidden at the
+    CLI's default level, shown with -v (INFO)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys; logging.basicConfig(level=getattr(logging, sys.argv[1])); "
+        "from pipeline.run.session import init_ray; init_ray(None); import ray; ray.shutdown()"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    for level, shown in (("WARNING", False), ("INFO", True)):
+        result = subprocess.run(
+            [sys.executable, "-c", code, level], capture_output=True, text=True, timeout=120, env=env
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("Token authentication is enabled" in result.stderr) is shown, result.stderr[-2000:]
