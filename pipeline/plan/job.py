@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
-from pipeline.core.io import filesystem, full_uri, join, write_bytes
+from pipeline.core.io import STORAGE_ERRORS, filesystem, full_uri, is_remote_fs, join, write_bytes
 from pipeline.core.layout import (
     DAMAGED_DIR,
     JOB_RECORD,
@@ -41,6 +42,8 @@ from pipeline.plan.schema import resume_passthrough
 from pipeline.plan.settings import SettingDefaults
 
 if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
     from pipeline.core.config import JobConfig
 
 SHOWN_PROBLEMS = 10
@@ -173,6 +176,38 @@ def check_job(config: JobConfig) -> tuple[Preset, SettingDefaults]:
     return preset, defaults
 
 
+def check_output_location(fs: AbstractFileSystem, root: str, output: str) -> None:
+    """The output can be written where `run` will write it: locally, no file in the way and a
+    writable folder (the nearest one that exists: the rest is created); on an object store, a
+    bucket that exists. `validate` makes the same check, so a job that passes it does not stop at
+    its first write."""
+    if is_remote_fs(fs):
+        if not hasattr(fs, "call_s3"):  # another object store: its first write says what is wrong
+            return
+        bucket = root.split("/", 1)[0]
+        try:  # HEAD of the bucket (s3fs's `exists` answers False for any error, credentials included)
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise StorageError(
+                f"the output {output} is in a bucket that does not exist ({bucket}): create it, or check `output` "
+                "and the storage endpoint"
+            ) from None
+        except STORAGE_ERRORS as error:
+            raise StorageError(f"cannot reach the output {output}: {type(error).__name__}: {error}") from error
+        return
+    path = os.path.abspath(root)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under a file ({existing})"
+        raise StorageError(
+            f"the output {output} {where}: point `output` at a folder (it is created if missing), or move the file"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write the output {output}: no write permission on {existing}")
+
+
 def plan_job(config: JobConfig, *, overwrite: bool = False, executor: PlanExecutor | None = None) -> JobPlan:
     """Check the config and the manifest and find what is left to render; touches no GPU.
 
@@ -182,6 +217,7 @@ def plan_job(config: JobConfig, *, overwrite: bool = False, executor: PlanExecut
     preset, defaults = check_job(config)
     fs, root = filesystem(config.output, config.storage)
     output = full_uri(fs, root)
+    check_output_location(fs, root, output)
     fingerprint = settings_fingerprint(config)
     previous_stats = None
     committed: list[str] = []

@@ -200,3 +200,30 @@ def test_planning_memory_holds_no_row(tmp_path: Path) -> None:
     assert job.pending_rows == 20_000 and job.manifest.pending_row_groups == {0: [5_000] * 4}
     (mask,) = job.manifest.masks.values()
     assert isinstance(mask, np.ndarray) and mask.nbytes == 20_000 // 8
+
+
+def _job_into(manifest: Path, output: str) -> Any:
+    return build_config({"manifest": str(manifest), "output": output, "model": {"preset": "tiny"}})
+
+
+def test_an_output_where_a_file_is_in_the_way_is_refused_before_planning(tmp_path: Path) -> None:
+    """`validate` and `run` both plan the job: a file at the output path (or above it) is named
+    with what to do, where `run` used to stop at its first write with `[Errno 17] File exists`."""
+    from pipeline.core.errors import StorageError
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(3))
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(StorageError, match=r"taken is a file: point `output` at a folder"):
+        plan_job(_job_into(manifest, str(tmp_path / "taken")))
+    with pytest.raises(StorageError, match=r"is under a file \(.*taken\)"):
+        plan_job(_job_into(manifest, str(tmp_path / "taken" / "deeper" / "out")))
+    assert plan_job(_job_into(manifest, str(tmp_path / "new" / "out"))).pending_rows == 3  # created later, by run
+
+
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused(tmp_path: Path, s3_bucket: str) -> None:
+    from pipeline.core.errors import StorageError
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(3))
+    with pytest.raises(StorageError, match=r"bucket that does not exist \(no-such-bucket-0\): create it"):
+        plan_job(_job_into(manifest, "s3://no-such-bucket-0/out"))
+    assert plan_job(_job_into(manifest, f"s3://{s3_bucket}/out")).pending_rows == 3
