@@ -140,6 +140,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if job.config.on_bad_row == "fail":
             print("\nNOT READY: fix these rows, or set on_bad_row: skip to render the others (listed in rejects/)")
             return 1
+    if not job.pending_rows:
+        print("\nOK: nothing to render: every good row of the manifest is already in the output")
+        return 0
     print("\nOK: the job can start")
     return 0
 

@@ -121,6 +121,11 @@ class VerifyReport:
             lines.append(f"rejected rows:    {self.rejected_rows} (listed in rejects/ with their reason; not rendered)")
         lines.append("OK: every row exactly once" if self.ok else "PROBLEMS:")
         lines.extend(f"  - {problem}" for problem in self.problems)
+        if any(problem.startswith(MANIFEST_MISSING) for problem in self.problems):
+            lines.append(
+                "The missing ids are rows not rendered yet (a job stopped, or still to come): rerun the job and it "
+                "renders those rows only (`sdxl-batch run` resumes; no row twice)."
+            )
         return "\n".join(lines)
 
 

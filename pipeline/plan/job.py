@@ -33,6 +33,7 @@ from pipeline.core.layout import (
     read_json,
     safe_name,
 )
+from pipeline.core.words import count
 from pipeline.models.presets import Preset, check_job_settings, get_preset
 from pipeline.plan.executor import LocalExecutor, PlanExecutor
 from pipeline.plan.ledger import check_fingerprint, read_committed_schema, settings_fingerprint
@@ -77,14 +78,14 @@ class JobPlan:
         """(width, height, steps, guidance) of the rows still to render, with their counts."""
         d = self.defaults
         merged: dict[tuple[int, int, int, float], int] = {}
-        for (width, height, steps, guidance), count in self.manifest.pending_settings.items():
+        for (width, height, steps, guidance), rows in self.manifest.pending_settings.items():
             key = (
                 int(width if width is not None else d.width),
                 int(height if height is not None else d.height),
                 int(steps if steps is not None else d.steps),
                 float(guidance if guidance is not None else d.guidance_scale),
             )
-            merged[key] = merged.get(key, 0) + count
+            merged[key] = merged.get(key, 0) + rows
         return sorted(merged.items(), key=lambda item: -item[1])
 
     def model_calls(self) -> int:
@@ -105,7 +106,7 @@ class JobPlan:
     def summary_lines(self) -> list[str]:
         m, c = self.manifest, self.config
         lines = [
-            f"manifest   {c.manifest}: {len(m.files)} file(s), {m.total_rows:,} rows",
+            f"manifest   {c.manifest}: {count(len(m.files), 'file')}, {count(m.total_rows, 'row')}",
             f"model      {self.preset.name} ({self.preset.weights_label()}; {self.preset.scheduler_label()})",
             f"output     {self.output}",
         ]
@@ -124,10 +125,10 @@ class JobPlan:
                 f"moves them aside to {DAMAGED_DIR}/ and renders their rows again"
             )
         if self.done_rows:
-            lines.append(f"done       {self.done_rows:,} rows already in the output (skipped: resume)")
-        lines.append(f"to render  {self.pending_rows:,} rows")
-        for (width, height, steps, guidance), count in self.render_groups():
-            lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count:,} rows")
+            lines.append(f"done       {count(self.done_rows, 'row')} already in the output (skipped: resume)")
+        lines.append(f"to render  {count(self.pending_rows, 'row')}")
+        for (width, height, steps, guidance), rows in self.render_groups():
+            lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count(rows, 'row')}")
         calls = self.model_calls()
         if c.fleet:
             fleet = ", ".join(
@@ -135,9 +136,8 @@ class JobPlan:
             )
             lines.append(f"batches    a mixed fleet: {fleet}; work goes to whichever actor is free")
         else:
-            lines.append(
-                f"batches    {calls:,} model calls (batch size {c.generation.batch_size}) on {c.resources.describe()}"
-            )
+            batch = c.generation.batch_size
+            lines.append(f"batches    {count(calls, 'model call')} (batch size {batch}) on {c.resources.describe()}")
         estimate = self.estimate()
         if estimate is None:
             lines.append("estimate   unknown: no measurement with these settings yet")

@@ -292,3 +292,12 @@ def test_a_sample_hashes_some_images_and_sizes_all(tmp_path: Path) -> None:
     assert "images checked:   3 (size; sha256 of" in text and "a random 0.10% sample, seed" in text
     with pytest.raises(ValueError, match="sample must be a fraction"):
         verify_output(str(output), sample=0.0)
+
+
+def test_an_unfinished_output_says_that_a_rerun_resumes(tmp_path: Path) -> None:
+    output = _output(tmp_path)
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": "p", "seed": 1} for i in "abcd"])
+    text = verify_output(str(output), manifest=str(manifest)).summary()
+    assert "manifest id missing from the output (1): d" in text
+    assert "rerun the job and it renders those rows only" in text
+    assert "rerun the job" not in verify_output(str(output)).summary()  # a complete output: no such line

@@ -163,7 +163,7 @@ def test_summary_says_what_the_job_will_do(tmp_path: Path) -> None:
     assert job.model_calls() == math.ceil(7 / 4) + 1
     text = "\n".join(job.summary_lines())
     for expected in (
-        "1 file(s), 11 rows",
+        "1 file, 11 rows",
         "bad rows   1 (1 prompt); on_bad_row: skip",
         "to render  10 rows",
         "1024x1024, 4 steps, guidance 0: 7 rows",
@@ -227,3 +227,14 @@ def test_an_output_in_a_bucket_that_does_not_exist_is_refused(tmp_path: Path, s3
     with pytest.raises(StorageError, match=r"bucket that does not exist \(no-such-bucket-0\): create it"):
         plan_job(_job_into(manifest, "s3://no-such-bucket-0/out"))
     assert plan_job(_job_into(manifest, f"s3://{s3_bucket}/out")).pending_rows == 3
+
+
+def test_counts_agree_with_their_nouns(tmp_path: Path) -> None:
+    from pipeline.core.words import count
+
+    assert [count(0, "row"), count(1, "row"), count(1200, "model call"), count(2, "copy", "copies")] == [
+        "0 rows", "1 row", "1,200 model calls", "2 copies",
+    ]  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(1))
+    lines = "\n".join(plan_job(_job_into(manifest, str(tmp_path / "out"))).summary_lines())
+    assert "1 file, 1 row" in lines and "to render  1 row\n" in lines and "1 model call (" in lines
