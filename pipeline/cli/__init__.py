@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:  # the whole chain: what went wrong underneath (a storage, model or cluster error)
             traceback.print_exception(error, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted: committed parts are kept; run the same command again to resume", file=sys.stderr)
         return 130

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 class SdxlBatchError(Exception):
     """Base class of every error caused by the user's input or environment."""
 
+    exit_code = 2  # the CLI's exit status: 2 for a problem that stops any job (see `BadRows`)
+
 
 class ConfigError(SdxlBatchError):
     """The YAML config or a command-line override is invalid."""
@@ -32,6 +34,13 @@ class ManifestError(SdxlBatchError):
         )
         super().__init__(f"{where}: {message}" if where else message)
         self.file, self.row, self.column = file, row, column
+
+
+class BadRows(ManifestError):
+    """Rows of the manifest that a job with `on_bad_row: fail` refuses: exit status 1, as
+    `validate` reports them ("NOT READY"), where a structural problem exits 2."""
+
+    exit_code = 1
 
 
 class StorageError(SdxlBatchError):

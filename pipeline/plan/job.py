@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.errors import ManifestError, StorageError
+from pipeline.core.errors import BadRows, StorageError
 from pipeline.core.io import STORAGE_ERRORS, filesystem, full_uri, is_remote_fs, join, write_bytes
 from pipeline.core.layout import (
     DAMAGED_DIR,
@@ -262,7 +262,7 @@ def raise_for_bad_rows(job: JobPlan) -> None:
         return
     shown = manifest.problem_lines(SHOWN_PROBLEMS)
     more = manifest.problem_count - len(shown)
-    raise ManifestError(
+    raise BadRows(
         f"{manifest.problem_count:,} bad row(s) in the manifest (row numbers count from 0 in each file):\n  "
         + "\n  ".join(shown)
         + (f"\n  ... and {more:,} more" if more > 0 else "")

@@ -56,7 +56,7 @@ def test_validate_reports_and_run_refuses_bad_rows_before_ray(tmp_path: Path, mo
         assert expected in checked.stdout, checked.stdout
 
     refused = run_cli("run", str(config), "--no-progress")
-    assert refused.returncode == 2
+    assert refused.returncode == 1  # as validate's NOT READY: bad rows, where structural problems exit 2
     assert "4 bad row(s) in the manifest" in refused.stderr and "on_bad_row: skip" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written or Ray started

@@ -209,7 +209,7 @@ def test_submit_checks_first_and_the_token_is_required(
         model={"preset": "tiny", "cache_dir": str(model_cache)},
     )  # fmt: skip
     bad = run_cli("submit", str(config), *address, env=ray_cluster.env)
-    assert bad.returncode == 2 and "row 1" in bad.stderr and "'seed'" in bad.stderr
+    assert bad.returncode == 1 and "row 1" in bad.stderr and "'seed'" in bad.stderr
     relative = run_cli("submit", str(config), *address, "--output", "out", env=ray_cluster.env)
     assert relative.returncode == 2 and "relative local path" in relative.stderr
     assert run_cli("jobs", "list", *address, env=ray_cluster.env).stdout.count("sdxl-batch-") == before
