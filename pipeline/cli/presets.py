@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.common import add_job_arguments, load_job_config, print_table, ray_address
+from pipeline.cli.common import add_job_arguments, load_job_config, ray_address
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,27 +24,41 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     compare.set_defaults(handler=cmd_compare)
 
 
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    """Every preset in two lines of at most 100 columns: its settings, then its weights and licence."""
     from pipeline.models.presets import PRESETS
 
-    header = ("preset", "weights", "scheduler", "steps", "guidance", "size", "licence")
-    rows = [header] + [
-        (
-            p.name,
-            p.weights_label(),
-            p.scheduler_label(),
+    header = ("preset", "steps", "guidance", "size", "scheduler")
+    rows = [header]
+    details = []
+    for p in PRESETS.values():
+        steps = (
             str(p.steps)
             if p.steps_range[0] == p.steps_range[1]
-            else f"{p.steps} ({p.steps_range[0]}-{p.steps_range[1]})",
-            f"{p.guidance_scale:g}",
-            f"{p.width}x{p.height}",
-            ("! " if "non-commercial" in p.licence.lower() else "") + p.licence,
+            else f"{p.steps} ({p.steps_range[0]}-{p.steps_range[1]})"
         )
-        for p in PRESETS.values()
-    ]
-    print_table(rows)
-    print("\n! non-commercial licence: check the terms before using its images commercially.")
+        rows.append((p.name, steps, f"{p.guidance_scale:g}", f"{p.width}x{p.height}", _scheduler(p.scheduler_label())))
+        weights = p.weights_label().replace(SDXL_BASE, "SDXL base")
+        details.append(f"  {weights}; " + ("! " if "non-commercial" in p.licence.lower() else "") + p.licence)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for k, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        if k:
+            print(details[k - 1])
+    print(f"\nSDXL base: {SDXL_BASE}")
+    print("! non-commercial licence: check the terms before using its images commercially.")
     return 0
+
+
+def _scheduler(label: str) -> str:
+    """`EulerDiscreteScheduler(prediction_type=sample, timestep_spacing=trailing)` as `Euler (sample, trailing)`."""
+    name, _, options = label.partition("(")
+    name = name.removesuffix("Scheduler").removesuffix("Discrete") or name
+    values = [option.split("=", 1)[-1] for option in options.rstrip(")").split(", ") if option]
+    return f"{name} ({', '.join(values)})" if values else name
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -59,3 +59,17 @@ def test_verify_sample_must_be_a_fraction(value: str, capsys: pytest.CaptureFixt
 def test_verify_sample_parses() -> None:
     assert build_parser().parse_args(["verify", "out", "--sample", "0.01"]).sample == 0.01
     assert build_parser().parse_args(["verify", "out"]).sample == 1.0
+
+
+def test_models_fits_in_100_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+    from pipeline.models.presets import PRESETS
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    text = "\n".join(lines)
+    for preset in PRESETS.values():
+        assert f"\n{preset.name} " in text and preset.licence in text
+    assert "Euler (sample, trailing)" in text and "SDXL base + ByteDance/SDXL-Lightning/" in text
+    assert "! Stability AI Non-Commercial Research Community License" in text
