@@ -15,14 +15,15 @@ if TYPE_CHECKING:
     from pipeline.core.config import JobConfig, StorageConfig
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    """The config file and its overrides, which `load_job_config` turns into one JobConfig."""
-    if config_required:
-        parser.add_argument("config", help="YAML job config (see configs/demo.yaml)")
-    else:
-        parser.add_argument("config", nargs="?", help="YAML job config (optional: defaults plus the flags)")
-    parser.add_argument("--manifest", help="override the config's manifest URI")
-    parser.add_argument("--output", help="override the config's output URI")
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config file (optional) and its overrides, which `load_job_config` turns into one
+    JobConfig: `sdxl-batch run --manifest M --output O` runs the defaults on M."""
+    parser.add_argument(
+        "config", nargs="?", help="YAML job config (see configs/demo.yaml; optional: the defaults and the flags below)"
+    )
+    parser.add_argument("--manifest", help="the manifest URI (overrides the config's)")
+    parser.add_argument("--output", help="the output URI (overrides the config's)")
+    parser.add_argument("--preset", help="the model preset, as --set model.preset=NAME (`sdxl-batch models`)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -47,7 +48,8 @@ def load_job_config(args: argparse.Namespace) -> JobConfig:
     """The config of the arguments added by `add_job_arguments`."""
     from pipeline.core.config import load_config
 
-    return load_config(args.config, manifest=args.manifest, output=args.output, overrides=args.overrides)
+    overrides = [*args.overrides, *([f"model.preset={args.preset}"] if args.preset else [])]
+    return load_config(args.config, manifest=args.manifest, output=args.output, overrides=overrides)
 
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:

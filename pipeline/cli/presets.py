@@ -19,7 +19,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Every prompt x seed of the manifest rendered with each preset; one grid per prompt.",
     )
     compare.add_argument("--presets", required=True, help="comma-separated preset names, e.g. lightning-4step,turbo")
-    add_job_arguments(compare, config_required=False)
+    add_job_arguments(compare)
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     compare.set_defaults(handler=cmd_compare)
 

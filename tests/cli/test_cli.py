@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,16 @@ def test_models_fits_in_100_columns(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"\n{preset.name} " in text and preset.licence in text
     assert "Euler (sample, trailing)" in text and "SDXL base + ByteDance/SDXL-Lightning/" in text
     assert "! Stability AI Non-Commercial Research Community License" in text
+
+
+def test_a_job_needs_no_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sdxl-batch validate|run --manifest M --output O [--preset P]`: the defaults, without a file."""
+    from pipeline.cli import main
+    from tests.helpers import prompt_rows, write_manifest
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(3))
+    code = main(["validate", "--manifest", str(manifest), "--output", str(tmp_path / "out"), "--preset", "tiny"])
+    out = capsys.readouterr().out
+    assert code == 0 and "to render  3 rows" in out and "model      tiny" in out and "OK: the job can start" in out
+    assert main(["validate"]) == 2
+    assert "manifest: required but missing" in capsys.readouterr().err
