@@ -7,6 +7,7 @@ naming the key's path rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -520,28 +521,59 @@ def _is_secret(loc: tuple[int | str, ...]) -> bool:
     return False
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the config's section at `loc` accepts (its model's fields), [] where unknown."""
+    model: Any = JobConfig
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if hasattr(a, "model_fields")), None)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _section_keys(loc[:-1]), n=1, cutoff=0.6)
+    hint = f"did you mean `{close[0]}`?" if close else "check the spelling"
+    return f"unknown key ({hint} docs/configuration.md lists every key)"
+
+
+def _flag_of(where: str, flags: dict[str, str]) -> str | None:
+    """The command-line flag that set the key at `where`, or a key inside or above it."""
+    for key, flag in flags.items():
+        if key == where or key.startswith(f"{where}.") or where.startswith(f"{key}."):
+            return flag
+    return None
+
+
+def _format_validation_error(error: ValidationError, source: str, flags: dict[str, str] | None = None) -> str:
+    """One line per problem: where, what, and (for a value given on the command line) which flag."""
     lines = [f"invalid config {source}:"]
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        flag = _flag_of(where, flags or {})
+        shown = f"{where} (from {flag})" if flag else where
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key (check the spelling; docs/configuration.md lists every key)")
+            lines.append(f"  {shown}: {_unknown_key(err['loc'])}")
         elif err["type"] == "missing":
-            lines.append(f"  {where}: required but missing")
+            lines.append(f"  {shown}: required but missing")
         elif _is_secret(err["loc"]):
-            lines.append(f"  {where}: {err['msg']} (the value is a secret: not shown)")
+            lines.append(f"  {shown}: {err['msg']} (the value is a secret: not shown)")
         elif isinstance(err.get("input"), dict):  # a check across a section's keys: the section may hold secrets
-            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"  {shown}: {err['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {shown}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 
-def build_config(data: dict[str, Any], *, source: str = "") -> JobConfig:
+def build_config(data: dict[str, Any], *, source: str = "", flags: dict[str, str] | None = None) -> JobConfig:
+    """`flags`: the dotted keys given on the command line, with the flag that set each, so that a
+    bad value is reported as the flag's, not the file's."""
     try:
         return JobConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+        raise ConfigError(_format_validation_error(error, source, flags)) from None
 
 
 def load_config(
@@ -570,8 +602,11 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: expected a mapping of keys at the top level")
         data = loaded or {}
+    flags: dict[str, str] = {}
     if manifest is not None:
-        data["manifest"] = manifest
+        data["manifest"], flags["manifest"] = manifest, "--manifest"
     if output is not None:
-        data["output"] = output
-    return build_config(apply_overrides(data, overrides or []), source=source)
+        data["output"], flags["output"] = output, "--output"
+    for item in overrides or []:
+        flags[".".join(parse_override(item)[0])] = f"--set {item.split('=', 1)[0]}=..."
+    return build_config(apply_overrides(data, overrides or []), source=source, flags=flags)

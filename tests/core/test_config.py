@@ -97,3 +97,21 @@ def test_every_config_field_has_a_description() -> None:
 
     missing = undescribed(JobConfig)
     assert not missing, f"config fields without a description (pipeline/core/config.py): {missing}"
+
+
+def test_a_misspelt_key_gets_a_suggestion_and_a_flag_is_named(tmp_path: Path) -> None:
+    """A close valid key is suggested; a value given with --set (or --manifest/--output) is
+    reported as that flag's, not as the file's."""
+    path = write_config(tmp_path / "c.yaml", manifest="m.parquet", output="out", generation={"batchsize": 8})
+    with pytest.raises(ConfigError, match=r"generation\.batchsize: unknown key \(did you mean `batch_size`\?"):
+        load_config(path)
+    clean = write_config(tmp_path / "ok.yaml", manifest="m.parquet", output="out")
+    with pytest.raises(ConfigError) as bad_value:
+        load_config(clean, overrides=["generation.batch_size=abc"])
+    assert "generation.batch_size (from --set generation.batch_size=...): Input should be a valid integer" in str(
+        bad_value.value
+    )
+    with pytest.raises(ConfigError, match=r"genration \(from --set genration.steps=...\): unknown key \(did you mean"):
+        load_config(clean, overrides=["genration.steps=4"])
+    with pytest.raises(ConfigError, match=r"unknown key \(check the spelling"):
+        load_config(clean, overrides=["zzzz=1"])
