@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError
 from pipeline.core.io import full_uri
 from pipeline.output.streaming import bounded_map
-from pipeline.plan.manifest import check_schema, derive_ids, list_manifest_files
+from pipeline.plan.manifest import check_schema, derive_ids, list_manifest_files, open_parquet
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -65,14 +64,8 @@ def manifest_files(uri: str, storage: StorageConfig | None = None) -> tuple[Abst
 
     def footer(path: str) -> ManifestFile:
         file_uri = full_uri(fs, path)
-        try:
-            with fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                schema, metadata = parquet.schema_arrow, parquet.metadata
-        except FileNotFoundError:
-            raise ManifestError("file disappeared while reading; rerun the command", file=file_uri) from None
-        except _DAMAGED as error:
-            raise ManifestError(f"not a readable Parquet file ({error}); re-export it", file=file_uri) from None
+        with open_parquet(fs, path, file_uri) as parquet:  # any manifest format (`plan.formats`)
+            schema, metadata = parquet.schema_arrow, parquet.metadata
         check_schema(schema, file_uri)
         groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
         return ManifestFile(file_uri, path, posixpath.relpath(path, root), groups, "id" in schema.names)
@@ -98,8 +91,8 @@ def manifest_ids(fs: AbstractFileSystem, files: list[ManifestFile]) -> Iterator[
         if not file.has_id:
             return IdChunk(index, offset, derive_ids(file.relpath, offset, rows))
         try:
-            with fs.open(file.path, "rb") as handle:
-                column = pq.ParquetFile(handle).read_row_group(group, columns=["id"]).column("id")
+            with open_parquet(fs, file.path, file.uri) as parquet:
+                column = parquet.read_row_group(group, columns=["id"]).column("id")
         except _DAMAGED as error:
             raise ManifestError(f"row group {group} is corrupt ({error})", file=file.uri) from None
         return IdChunk(index, offset, pc.cast(column, pa.string()).combine_chunks())

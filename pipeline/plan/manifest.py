@@ -17,6 +17,7 @@ row group with rows to render (a `Fragment`) in full.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
 from pipeline.core.io import STORAGE_ERRORS, filesystem
+from pipeline.plan.formats import FORMAT_NAMES, TableFile, manifest_format, read_table_file, strip_format_suffix
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from pipeline.models.presets import Preset
 
 SEED_LIMIT = 2**63
-REQUIRED_COLUMNS = ("prompt", "seed")
+REQUIRED_COLUMNS = ("prompt",)  # a row's seed, when the manifest has none, derives from its id
 OPTIONAL_COLUMNS = ("id", "negative_prompt", "width", "height", "steps", "guidance_scale")
 # A read slice's own columns, in order; the pass-through columns follow (plan.schema).
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
@@ -132,18 +134,31 @@ def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, l
         found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
     elif fs.isdir(path):
         root = path
-        found = {
-            p: info
-            for p, info in fs.find(path, detail=True).items()
-            if p.endswith(".parquet") and not _hidden(p, path) and info.get("type") == "file"
-        }
+        found = _one_format(
+            {
+                p: info
+                for p, info in fs.find(path, detail=True).items()
+                if manifest_format(p) is not None and not _hidden(p, path) and info.get("type") == "file"
+            }
+        )
     elif fs.isfile(path):
         root, found = posixpath.dirname(path), {path: fs.info(path)}
     else:
-        raise ManifestError(f"manifest not found: {uri} (expected a Parquet file, a folder of them, or a glob)")
+        raise ManifestError(f"manifest not found: {uri} (expected a manifest file, a folder of them, or a glob)")
     if not found:
-        raise ManifestError(f"manifest {uri} matches no Parquet files")
+        raise ManifestError(f"manifest {uri} matches no manifest files ({FORMAT_NAMES})")
     return root, sorted(found), found
+
+
+def _one_format(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A folder's manifest files: its Parquet files if it has any, else its Arrow files (a
+    `datasets` folder), else its files of the other formats; a README.txt or notes.json beside
+    Parquet files is not read as prompts."""
+    for kind in ("parquet", "arrow"):
+        chosen = {p: info for p, info in found.items() if manifest_format(p) == kind}
+        if chosen:
+            return chosen
+    return found
 
 
 def _hidden(path: str, root: str) -> bool:
@@ -188,7 +203,7 @@ def check_schema(schema: pa.Schema, uri: str) -> None:
         if column not in names:
             raise ManifestError(
                 f"required column is missing (found columns: {', '.join(schema.names) or 'none'}); "
-                f"a manifest needs 'prompt' (string) and 'seed' (integer)",
+                f"a manifest needs 'prompt' (string); 'seed' (integer) and 'id' (string) are optional",
                 file=uri,
                 column=column,
             )
@@ -205,9 +220,8 @@ def check_schema(schema: pa.Schema, uri: str) -> None:
 
 
 def derive_ids(relpath: str, row_offset: int, num_rows: int) -> pa.Array:
-    """Stable ids for a manifest without an `id` column: `<file path without .parquet>-<row>`."""
-    stem = relpath[: -len(".parquet")] if relpath.endswith(".parquet") else relpath
-    stem = stem.replace("/", "__")
+    """Stable ids for a manifest without an `id` column: `<file path without its extension>-<row>`."""
+    stem = strip_format_suffix(relpath).replace("/", "__")
     return pa.array([f"{stem}-{row:09d}" for row in range(row_offset, row_offset + num_rows)], pa.string())
 
 
@@ -371,13 +385,18 @@ _DAMAGED = (pa.ArrowException, OSError, ValueError)
 
 
 @contextmanager
-def open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile]:
-    """Open a Parquet file for reading, closing it after use (manifests may have thousands)."""
+def open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile | TableFile]:
+    """Open a manifest file for reading, closing it after use (manifests may have thousands):
+    Parquet read a row group at a time, any other format whole (`plan.formats`)."""
     try:
         handle = fs.open(path, "rb")
     except FileNotFoundError:
         raise ManifestError("file disappeared while reading; rerun the job", file=uri) from None
+    kind = manifest_format(path) or "parquet"
     with handle:
+        if kind != "parquet":
+            yield read_table_file(handle, kind, uri)
+            return
         try:
             parquet = pq.ParquetFile(handle)
         except _DAMAGED as error:
@@ -385,13 +404,38 @@ def open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.Par
         yield parquet
 
 
-def read_row_group(parquet: pq.ParquetFile, fragment: Fragment, columns: list[str] | None = None) -> pa.Table:
+def read_row_group(
+    parquet: pq.ParquetFile | TableFile, fragment: Fragment, columns: list[str] | None = None
+) -> pa.Table:
+    """One row group's rows of `fragment`; a manifest without seeds gets each row's seed derived
+    from its id (`derive_seeds`), so every later step sees a `seed` column."""
+    names = parquet.schema_arrow.names
+    derive = "seed" not in names
+    wanted = columns if columns is None or not derive or "id" in columns or "id" not in names else [*columns, "id"]
     try:
-        table = _slice(parquet.read_row_group(fragment.row_group, columns=columns), fragment)
+        table = _slice(parquet.read_row_group(fragment.row_group, columns=wanted), fragment)
     except _DAMAGED as error:
         raise ManifestError(f"row group {fragment.row_group} is corrupt ({error})", file=fragment.uri) from None
     _check_values(table, fragment)
+    if derive:
+        ids = table.column("id") if "id" in table.column_names else None
+        if ids is None:
+            ids = derive_ids(fragment.relpath, fragment.row_offset, table.num_rows)
+        table = table.append_column("seed", derive_seeds(ids))
+        if wanted is not columns:
+            table = table.drop_columns(["id"])
     return table
+
+
+def derive_seeds(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each row's seed from its id, for a manifest without seeds: the first 8 bytes of the id's
+    BLAKE2b digest, below 2**63: the same in every run and on every machine (a resume renders a
+    row exactly as the first run would have); a null id gets a null seed (a bad row)."""
+    seeds = [
+        None if value is None else int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest()) >> 1
+        for value in ids.to_pylist()
+    ]
+    return pa.array(seeds, pa.int64())
 
 
 def _check_values(table: pa.Table, fragment: Fragment) -> None:

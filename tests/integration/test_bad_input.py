@@ -108,7 +108,10 @@ def test_structural_problems_exit_2_with_what_where_and_what_to_do(tmp_path: Pat
     assert code == 2 and "corrupt.parquet" in err and "not a readable Parquet file" in err
     no_seed = write_manifest(tmp_path / "noseed.parquet", [{"prompt": "p"}])
     code, err = validate(no_seed)
-    assert code == 2 and "noseed.parquet" in err and "column 'seed'" in err and "required column is missing" in err
+    assert code == 0, err  # seeds are optional: each row's derives from its id
+    no_prompt = write_manifest(tmp_path / "noprompt.parquet", [{"seed": 1}])
+    code, err = validate(no_prompt)
+    assert code == 2 and "noprompt.parquet" in err and "column 'prompt'" in err and "required column is missing" in err
     text_seed = write_manifest(tmp_path / "textseed.parquet", [{"prompt": "p", "seed": "7"}])
     code, err = validate(text_seed)
     assert code == 2 and "column 'seed'" in err and "expected integer values, found string" in err

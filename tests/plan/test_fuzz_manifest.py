@@ -35,6 +35,7 @@ from pipeline.plan.manifest import (
     SEED_LIMIT,
     Fragment,
     RowRules,
+    derive_seeds,
     read_fragment,
     rules_for,
 )
@@ -288,7 +289,7 @@ def schema_problem(files: list[FileSpec]) -> str | None:
         if len(set(names)) != len(names):
             return "duplicate column"
         kinds = {name: kind for name, kind, _ in spec.columns}
-        if "prompt" not in kinds or "seed" not in kinds:
+        if "prompt" not in kinds:  # seeds are optional: derived from ids where absent
             return "missing column"
         for name, kind in kinds.items():
             if name in ACCEPTED and kind not in ACCEPTED[name]:
@@ -345,7 +346,7 @@ def _bad_seed(value: Any) -> bool:
 def row_is_bad(row: dict[str, Any], rules: RowRules) -> bool:
     if _bad_text(row["prompt"]) or ("id" in row and _bad_text(row["id"])):
         return True
-    if _bad_seed(row["seed"]):
+    if "seed" in row and _bad_seed(row["seed"]):
         return True
     for name in ("width", "height"):
         value = row.get(name)
@@ -409,7 +410,8 @@ def check_slices(plan: RowPlan, files: list[FileSpec], root: Path, rules: RowRul
         for got, p in zip(table.to_pylist(), positions, strict=True):
             row = rows[p]
             assert got["prompt"] == row["prompt"] and got["prompt"].strip()
-            assert got["seed"] == row["seed"] and 0 <= got["seed"] < SEED_LIMIT
+            expected_seed = row["seed"] if "seed" in row else derive_seeds(pa.array([got["id"]]))[0].as_py()
+            assert got["seed"] == expected_seed and 0 <= got["seed"] < SEED_LIMIT
             for name in ("negative_prompt", "width", "height", "steps", "guidance_scale"):
                 assert got[name] == row.get(name)
             if got["width"] is not None:

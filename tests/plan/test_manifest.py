@@ -73,8 +73,12 @@ def _expect_error(tmp_path: Path, rows: list[dict[str, Any]], *, match: str, sch
 
 
 def test_missing_required_column(tmp_path: Path) -> None:
-    message = _expect_error(tmp_path, [{"prompt": "p"}], match="required column is missing")
-    assert "bad.parquet" in message and "'seed'" in message
+    message = _expect_error(tmp_path, [{"seed": 1}], match="required column is missing")
+    assert (
+        "bad.parquet" in message
+        and "'prompt'" in message
+        and "'seed' (integer) and 'id' (string) are optional" in message
+    )
 
 
 def test_mistyped_column(tmp_path: Path) -> None:
@@ -135,7 +139,7 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not a readable Parquet file"):
         plan_manifest(str(tmp_path / "corrupt.parquet"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ManifestError, match="matches no Parquet files"):
+    with pytest.raises(ManifestError, match="matches no manifest files"):
         plan_manifest(str(tmp_path / "empty"))
 
 
