@@ -7,8 +7,10 @@ import logging
 import math
 import posixpath
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -394,7 +396,11 @@ def _execute(
         passthrough=passthrough,
         generate=generate,
     )
-    with _progress_bar(remaining, enabled=progress) as bar, watch_failed_stage() as failed:
+    with (
+        _progress_bar(remaining, enabled=progress) as bar,
+        ticking(bar, enabled=progress),
+        watch_failed_stage() as failed,
+    ):
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 assert isinstance(batch, pa.Table)
@@ -429,6 +435,29 @@ def _error_in_text(error: BaseException) -> SdxlBatchError | None:
         if found is not None:
             return found
     return None
+
+
+@contextmanager
+def ticking(bar: Any, *, enabled: bool, seconds: float = 1.0) -> Iterator[None]:
+    """Redraw the progress line every `seconds` whatever arrives: tqdm redraws only on an update,
+    and a job's first part can take minutes (Ray starting, the model loading on every actor), so
+    a line whose elapsed time stood still looked hung."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(seconds):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, name="sdxl-batch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _progress_bar(total: int, *, enabled: bool) -> Any:
