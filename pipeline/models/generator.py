@@ -66,6 +66,22 @@ def _quiet_libraries() -> None:
     logging.getLogger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # With HF_HUB_OFFLINE set, every actor's load said that it could not reach the Hub and would
+    # use the cache: what the user asked for. Those two lines alone are dropped.
+    for name in ("diffusers.pipelines.pipeline_utils", "huggingface_hub.hf_api"):
+        hub_logger = logging.getLogger(name)
+        if not any(isinstance(f, OfflineHubNotices) for f in hub_logger.filters):
+            hub_logger.addFilter(OfflineHubNotices())
+
+
+class OfflineHubNotices(logging.Filter):
+    """Drops "Couldn't connect to the Hub" / "Could not reach the Hub" when HF_HUB_OFFLINE is set."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from huggingface_hub import constants
+
+        notice = record.getMessage().startswith(("Couldn't connect to the Hub", "Could not reach the Hub"))
+        return not (notice and constants.HF_HUB_OFFLINE)
 
 
 _NO_WATERMARKER = (

@@ -312,3 +312,23 @@ def test_a_16_bit_model_reads_the_base_pipelines_fp16_files(
     with caplog.at_level("INFO", logger="pipeline.models.generator"):
         assert torch.equal(first_unet_weight(tiny_dir, "bfloat16"), default.to(torch.bfloat16).float())
     assert "no fp16 variant in" in caplog.text
+
+
+def test_offline_hub_notices_are_dropped_only_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HF_HUB_OFFLINE set every actor's load logged that it could not reach the Hub: dropped;
+    online (a real network problem) they still show, and other warnings always do."""
+    import logging
+
+    from huggingface_hub import constants
+
+    from pipeline.models.generator import OfflineHubNotices
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("huggingface_hub.hf_api", logging.WARNING, __file__, 1, message, None, None)
+
+    notice = record("Could not reach the Hub (offline mode is enabled). Using cached commit hash for 'x'.")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not OfflineHubNotices().filter(notice)
+    assert OfflineHubNotices().filter(record("something else"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert OfflineHubNotices().filter(notice)
