@@ -9,18 +9,19 @@ peak memory.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as pads
 
 from pipeline.core.io import filesystem, join, write_bytes
-from pipeline.core.layout import COMPARE_FILE, GRIDS_DIR, METADATA_DIR, STATS_FILE, write_json
+from pipeline.core.layout import COMPARE_FILE, GRIDS_DIR, METADATA_DIR, STATS_FILE, read_json, write_json
 from pipeline.models.presets import check_job_settings, get_preset
 from pipeline.plan.settings import SettingDefaults
 from pipeline.run.runner import JobResult, run_job
 
 if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
     from PIL import Image
 
     from pipeline.core.config import JobConfig
@@ -62,6 +63,7 @@ def run_compare(
         check_job_settings(preset, steps=defaults.steps, guidance_scale=defaults.guidance_scale)
     results = {name: run_job(job, ray_address=ray_address, progress=progress) for name, job in jobs.items()}
     fs, root = filesystem(config.output, config.storage)
+    results = {name: with_rendered_figures(fs, join(root, name), result) for name, result in results.items()}
     rows = {name: _metadata_rows(fs, join(root, name)) for name in presets}
     grids = _write_grids(fs, root, presets, rows, results)
     table = comparison_table(presets, results)
@@ -71,12 +73,22 @@ def run_compare(
     return CompareResult(output=config.output, grids=[join(config.output, g) for g in grids], table=table, stats=stats)
 
 
+def with_rendered_figures(fs: AbstractFileSystem, output: str, result: JobResult) -> JobResult:
+    """A preset with nothing left to render (a rerun of the comparison) keeps the figures of the
+    run that rendered it: its `stats.json`, which a run that renders nothing leaves unchanged. The
+    table then compares what was measured, not zeros."""
+    if result.rows:
+        return result
+    previous = read_json(fs, join(output, STATS_FILE))
+    return replace(result, stats=previous) if previous and previous.get("rows") else result
+
+
 def _preset_stats(name: str, result: JobResult) -> dict[str, Any]:
     preset = get_preset(name)
     return {
-        "rows": result.rows,
+        "rows": result.stats["rows"],
         "seconds_per_image": result.stats["seconds_per_image"],
-        "images_per_second": result.images_per_second,
+        "images_per_second": result.stats["images_per_second"],
         "peak_memory_mb": result.stats["peak_memory_mb"],
         "scheduler": preset.scheduler_label(),
         "steps": preset.steps,
