@@ -193,6 +193,22 @@ def check_fit(fit: LoraFit, *, allow_partial: bool) -> int:
     return fit.unmatched
 
 
+_SIZE_MISMATCH = re.compile(r"size mismatch for (.+?)\.lora_[AB]\.[^.]+\.weight")
+
+
+def _load_error(message: str) -> str:
+    """torch's load error for a LoRA made for another architecture lists every layer whose shape
+    differs (thousands of lines for SD 1.5 on SDXL): count them and name a few."""
+    layers = list(dict.fromkeys(_SIZE_MISMATCH.findall(message)))
+    if not layers:
+        return message[:500]
+    more = f" and {len(layers) - _SHOWN} more" if len(layers) > _SHOWN else ""
+    return (
+        f"{len(layers)} of its layers have other shapes than the pipeline's ({', '.join(layers[:_SHOWN])}{more}). "
+        "It was made for another model architecture (an SD 1.5 LoRA on SDXL?); use a LoRA made for SDXL"
+    )
+
+
 def load_loras(pipe: Any, adapters: list[tuple[str, str, str, float]], *, allow_partial: bool, fuse: bool) -> int:
     """Load LoRAs through peft and, with `fuse`, fold them into the base weights; returns the
     layers that did not land (allowed only with `allow_partial`). `adapters`: (adapter name, local
@@ -213,7 +229,7 @@ def load_loras(pipe: Any, adapters: list[tuple[str, str, str, float]], *, allow_
             with unexpected_key_warnings_held():
                 pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as error:
-            raise ModelError(f"LoRA {ref} does not fit this pipeline: {str(error)[:500]}") from None
+            raise ModelError(f"LoRA {ref} does not fit this pipeline: {_load_error(str(error))}") from None
         unmatched += check_fit(measure_fit(pipe, adapter=name, ref=ref, path=path), allow_partial=allow_partial)
     names = [name for name, _, _, _ in adapters]
     pipe.set_adapters(names, adapter_weights=[weight for _, _, _, weight in adapters])
