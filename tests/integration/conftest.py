@@ -147,6 +147,11 @@ def loopback_cluster(
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         # Metrics are pushed to each node's exporter every second instead of every 10.
         "RAY_metrics_report_interval_ms": "1000",
+        # The GPUs are logical: on a machine with CUDA the actors still run on the CPU. Ray leaves
+        # CUDA_VISIBLE_DEVICES as it is, and its ids name no device (CUDA then sees none); Ray
+        # only counts them against --num-gpus.
+        "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+        "CUDA_VISIBLE_DEVICES": ",".join(["-1"] * 8),
     }  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     port, dashboard_port = _free_port(), _free_port()
