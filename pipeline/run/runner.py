@@ -141,22 +141,26 @@ def _fit_actor_cpus(config: JobConfig, actors: int | tuple[int, int], cpus: floa
     return reserved
 
 
+SLICES_PER_ACTOR = 64  # a job gives each actor at least this many slices before slices grow
+MAX_SLICE_CALLS = 32  # model calls per slice at most (256 rows at batch 8)
+
+
 def read_slice_rows(remaining: int, config: JobConfig) -> int:
-    """Rows per block reaching the generator (the read stage's row groups are cut into blocks of
-    this size). An actor task handles one whole block and emits its images when done,
-    so slices bound the work a crash can lose and the wait for the first commit (measured: 465 s
-    with whole 10,000-row row groups, 64 s with 1,024-row slices): at most 256 rows, about 8 per
-    actor, and at least 64 (cheap scheduling) unless a small job needs smaller slices to give
-    every actor two. A multiple of the batch size (no padded model call), and of
-    `write.rows_per_part` where that fits (a part's rows then come from one slice)."""
+    """Rows per block reaching the generators: a whole number of model calls (of the largest
+    batch size), one call for all but large jobs.
+
+    An actor task renders one block, and its images leave the actor only when the task ends (Ray
+    Data buffers a task's outputs up to 128 MiB: some 40 images at 1024², all of a slice for small
+    ones). So a slice is what a job waits for before its first encode and commit, and what a crash
+    or a lost node can cost (2 in flight per actor). One call per slice: parts commit as calls
+    return, from the job's first minute. Large jobs take slices of more calls, so that each actor
+    still gets `SLICES_PER_ACTOR` of them and the driver schedules few tasks: at 1,000 GPUs making
+    10 images/s each, slices of one call of 8 would be 1,250 generate tasks a second (and as many
+    encode tasks) for one Ray Data driver; of 32 calls (256 rows) 39. The first part of such a job
+    commits after one slice per actor, about 40 s of GPU time at 1.2 s per call."""
     batch = max(config.batch_sizes)
-    actors = config.resources.max_actors
-    target = -(-remaining // (actors * 8))
-    floor = min(64, -(-remaining // (2 * actors)) if actors > 1 else remaining)
-    rows = min(max(target, floor, batch), max(256, batch))
-    whole_parts = math.lcm(batch, config.write.rows_per_part)
-    unit = whole_parts if whole_parts <= rows else batch
-    return -(-rows // unit) * unit
+    calls = -(-remaining // (config.resources.max_actors * batch * SLICES_PER_ACTOR))
+    return batch * min(max(calls, 1), MAX_SLICE_CALLS)
 
 
 LOCAL_PLANNING_BYTES = 16 * 2**20

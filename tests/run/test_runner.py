@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pipeline.core.errors import ManifestError
@@ -38,22 +40,19 @@ def test_embedded_ray_never_attaches_to_a_stale_cluster(address: str | None, mon
     assert calls[0]["address"] == (address or "local")
 
 
-def test_read_slices_feed_every_actor_in_whole_batches() -> None:
+def test_read_slices_are_one_model_call_until_jobs_are_large() -> None:
     from pipeline.core.config import JobConfig
     from pipeline.run.runner import read_slice_rows
 
-    def config(actors: int, batch: int) -> JobConfig:
-        return JobConfig.model_validate(
-            {"manifest": "m", "output": "o", "resources": {"actors": actors}, "generation": {"batch_size": batch}}
-        )
+    def config(batch: int, **more: Any) -> JobConfig:
+        return JobConfig.model_validate({"manifest": "m", "output": "o", "generation": {"batch_size": batch}} | more)
 
-    assert read_slice_rows(1_000_000, config(8, 8)) == 256
-    assert read_slice_rows(24, config(1, 4)) == 24  # one actor: one slice
-    assert read_slice_rows(8, config(2, 2)) == 2  # two actors: each gets two slices
-    assert read_slice_rows(160, config(1, 4)) == 64
-    # 10,000 / (8 actors x 8) rounded up to whole parts (64 rows by default): no partial parts.
-    assert read_slice_rows(10_000, config(8, 16)) == 192
-    assert read_slice_rows(100, config(1, 1000)) == 1000
+    assert read_slice_rows(48, config(4)) == 4  # small jobs: one model call per slice
+    assert read_slice_rows(10_000, config(8, resources={"actors": 8})) == 24  # 64 slices per actor: 3 calls
+    assert read_slice_rows(1_000_000, config(8, resources={"actors": 8})) == 256  # at most 32 calls
+    assert read_slice_rows(100_000_000, config(8, resources={"actors": [1, 1000]})) == 256
+    # A mixed fleet: blocks of the largest batch size, each actor rendering them in calls of its own.
+    assert read_slice_rows(96, config(2, fleet={"A10G": {"batch_size": 4}, "H100": {"batch_size": 16}})) == 16
 
 
 def test_user_errors_are_found_in_the_text_of_a_failed_actor_constructor() -> None:
