@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.common import add_job_arguments, load_job_config, ray_address, storage_config
+from pipeline.output.stats import summary_lines
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,17 +93,20 @@ def _add_takeover(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run.progress import JobLine, console_above
     from pipeline.run.runner import run_job
 
     config = load_job_config(args)
-    result = run_job(
-        config,
-        ray_address=ray_address(),
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-        metrics_port=args.metrics_port,
-        takeover=args.takeover,
-    )
+    line = JobLine(enabled=not args.no_progress)
+    with console_above(line, verbose=args.verbose):
+        result = run_job(
+            config,
+            ray_address=ray_address(),
+            overwrite=args.overwrite,
+            metrics_port=args.metrics_port,
+            takeover=args.takeover,
+            line=line,
+        )
     rejected = result.stats["rows_rejected"]
     if rejected:
         print(f"Skipped {rejected} bad rows (on_bad_row: skip): see {result.output.rstrip('/')}/rejects/")
@@ -110,7 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if done_before:
         print(f"Resumed: {done_before} of {result.stats['manifest_rows']} rows were already done and were skipped")
     if result.rows:
-        print(f"Rendered {result.rows} images in {result.wall_seconds:.1f} s ({result.images_per_second:.2f} images/s)")
+        for text in summary_lines(result.stats):
+            print(text)
     else:
         print("Rendered 0 images: every row was already done; the output and its statistics are unchanged")
     for name, location in result.locations().items():

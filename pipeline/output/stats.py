@@ -24,6 +24,8 @@ from typing import Any
 
 from ddsketch import DDSketch
 
+from pipeline.core import words
+
 PERCENTILES = (50, 90, 99)
 
 Call = tuple[int, float, float]  # one model call: images, seconds, when it ended (epoch seconds)
@@ -488,3 +490,46 @@ class JobStats:
             "per_accelerator_type": group_workers(self.workers, "type"),
             **extra,
         }
+
+
+BREAKDOWN_NAMES = {
+    "planning": "checks and planning",
+    "starting_ray": "starting Ray",
+    "starting_generators": "starting the generators (model load, first call)",
+    "rendering": "rendering",
+    "finishing": "finishing",
+}
+
+
+def wall_breakdown_text(record: dict[str, Any]) -> str:
+    """`stats.json`'s wall time by phase, as one line: where a run's time went before its first
+    image, while rendering, and after its last commit."""
+    phases = record.get("wall_breakdown_seconds") or {}
+    startup = sum(phases.get(k, 0.0) for k in ("planning", "starting_ray", "starting_generators"))
+    parts = ", ".join(
+        f"{BREAKDOWN_NAMES[k]} {phases[k]:.1f} s" for k in ("planning", "starting_ray", "starting_generators")
+        if phases.get(k)
+    )  # fmt: skip
+    return (
+        f"start-up {startup:.1f} s ({parts}), rendering {phases.get('rendering', 0.0):.1f} s, "
+        f"finishing {phases.get('finishing', 0.0):.1f} s"
+    )
+
+
+def summary_lines(record: dict[str, Any]) -> list[str]:
+    """A run's summary on the console, in `stats.json`'s definitions (docs/throughput.md):
+    wall images/s (rows over the whole run), rendering images/s (first image to last commit),
+    generating images/s (the generators' first call to their last) and the steady rate after
+    warm-up, per GPU where there are GPUs."""
+    rows, wall = record["rows"], record["wall_seconds"]
+    lines = [f"Rendered {words.count(rows, 'image')} in {wall:.1f} s: {record['images_per_second']:.2f} images/s wall"]
+    if record.get("wall_breakdown_seconds"):
+        lines.append(f"  {wall_breakdown_text(record)}")
+    rates = [f"{record.get('rendering_images_per_second', 0.0):.2f} images/s rendering"]
+    rates.append(f"{record.get('generation_images_per_second', 0.0):.2f} generating")
+    steady = record.get("steady_images_per_second") or 0.0
+    gpus = len(record.get("per_gpu") or {})
+    if steady:
+        rates.append(f"{steady:.2f} steady" + (f" ({steady / gpus:.2f} per GPU)" if gpus else ""))
+    lines.append("  " + ", ".join(rates))
+    return lines

@@ -112,8 +112,9 @@ class GeneratorPool:
     every GPU, or one actor per GPU slot of a mixed fleet (`run.fleet`), in blocks of the largest
     batch size (each fleet actor renders them in calls of its own type's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, progress: ActorHandle[Any] | None = None) -> None:
         self.placement: dict[str, Any] = {}  # every stage's tasks go where Ray Data schedules them
+        self.progress = progress  # the job's ProgressBoard, which the actors tell what they render
 
     def map_args(self, config: JobConfig) -> dict[str, Any]:
         import ray.data
@@ -121,7 +122,7 @@ class GeneratorPool:
         resources = config.resources
         args: dict[str, Any] = {
             "fn": GenerateImages,
-            "fn_constructor_kwargs": generator_kwargs(config),
+            "fn_constructor_kwargs": generator_kwargs(config) | {"progress": self.progress},
             "batch_size": max(config.batch_sizes),
             "compute": ray.data.ActorPoolStrategy(min_size=resources.actor_range[0], max_size=resources.actor_range[1]),
             "num_gpus": resources.gpus_per_actor or None,

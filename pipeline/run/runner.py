@@ -6,11 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -49,6 +46,7 @@ from pipeline.plan.rows import RowPlan
 from pipeline.run.builder import LIGHT_STAGE_CPUS, GeneratorPool, ModelActors, build_dataset, model_info
 from pipeline.run.crashes import watch_failed_stage, worker_death
 from pipeline.run.fleet import cluster_gpu_types, resolve_fleet, resolve_precision
+from pipeline.run.progress import JobLine, start_board, ticking
 from pipeline.run.session import init_ray
 
 if TYPE_CHECKING:
@@ -213,6 +211,7 @@ def run_job(
     generate: ModelActors | None = None,
     on_part: Callable[[PartStats], None] | None = None,
     takeover: bool = False,
+    line: JobLine | None = None,
 ) -> JobResult:
     """Render every unfinished row of the manifest into the output; returns where the results are.
 
@@ -225,37 +224,47 @@ def run_job(
     then has its placement resolved. `on_part`: called with each part's stats record as it commits.
 
     The job holds the output's lease from planning to its end (`output.lease`: one writer per
-    output); `takeover` takes it from a holder that is not known to be dead.
+    output); `takeover` takes it from a holder that is not known to be dead. `line`: the
+    console's progress line (default: one on standard error, shown when `progress`).
     """
-    start = time.perf_counter()
+    clock = WallClock(time.perf_counter())
     started_at = _now()
-    check_job(config)  # the config's own mistakes stop it before Ray starts
-    fs, root = filesystem(config.output, config.storage)
-    command = "run --overwrite" if overwrite else "run"
-    with OutputLease(fs, root, command=command, expiry_s=config.write.lease_expiry_s, takeover=takeover) as lease:
-        return _run_holding(
-            config, lease, start=start, started_at=started_at, ray_address=ray_address, progress=progress,
-            overwrite=overwrite, metrics_port=metrics_port, generate=generate, on_part=on_part,
-        )  # fmt: skip
+    line = line or JobLine(enabled=progress)
+    with ticking(line):
+        try:
+            line.phase("checking the job")
+            check_job(config)  # the config's own mistakes stop it before Ray starts
+            fs, root = filesystem(config.output, config.storage)
+            command = "run --overwrite" if overwrite else "run"
+            lease = OutputLease(fs, root, command=command, expiry_s=config.write.lease_expiry_s, takeover=takeover)
+            with lease:
+                return _run_holding(
+                    config, lease, clock=clock, started_at=started_at, ray_address=ray_address, line=line,
+                    overwrite=overwrite, metrics_port=metrics_port, generate=generate, on_part=on_part,
+                )  # fmt: skip
+        finally:
+            line.finish()
 
 
 def _run_holding(
     config: JobConfig,
     lease: OutputLease,
     *,
-    start: float,
+    clock: WallClock,
     started_at: str,
     ray_address: str | None,
-    progress: bool,
+    line: JobLine,
     overwrite: bool,
     metrics_port: int | None,
     generate: ModelActors | None,
     on_part: Callable[[PartStats], None] | None,
 ) -> JobResult:
     """`run_job`'s work, with the output's lease held."""
+    line.phase("planning the manifest")
     executor = planning_executor(config, ray_address, metrics_port=metrics_port)
     job = plan_job(config, overwrite=overwrite, executor=executor)
     raise_for_bad_rows(job)
+    clock.mark("planning")
     plan = job.manifest
     fs, root = lease.fs, lease.root
     previous = None if overwrite else read_json(fs, join(root, JOB_RECORD))
@@ -279,7 +288,9 @@ def _run_holding(
     remaining = job.pending_rows
     fingerprint = job.fingerprint
     if remaining:
+        line.phase("starting Ray" if ray_address is None else "joining the Ray cluster")
         init_ray(ray_address, metrics_port=metrics_port)
+        clock.mark("starting_ray")
         resolved, why = (config, "") if generate else resolve_job(config, embedded=ray_address is None)
         fingerprint = settings_fingerprint(resolved)
         if previous and job.done_rows:  # the precision and VAE, now that the job's GPUs are known
@@ -297,14 +308,20 @@ def _run_holding(
     if remaining:
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
         _execute(
-            config, job.manifest, remaining, stats, progress=progress, passthrough=job.passthrough,
-            generate=generate or GeneratorPool(), on_part=on_part,
+            config, job.manifest, remaining, stats, line=line, passthrough=job.passthrough,
+            generate=generate, on_part=on_part, clock=clock,
         )  # fmt: skip
+    line.phase("finishing")
     lease.check()  # another writer took over: its unfinished files are not ours to remove
     _publish(config, job.output)
-    wall = time.perf_counter() - start
+    wall = clock.elapsed()
     _warn_about_limits(stats)
-    extra = _job_settings(job, config, rejects=len(rejects)) | {"started_at": started_at, "finished_at": _now()}
+    breakdown = clock.breakdown(wall)
+    extra = _job_settings(job, config, rejects=len(rejects)) | {
+        "started_at": started_at, "finished_at": _now(), "wall_breakdown_seconds": breakdown,
+        "rendering_images_per_second": round(stats.totals.rows / breakdown["rendering"], 4)
+        if breakdown["rendering"] > 0 else 0.0,
+    }  # fmt: skip
     record = stats.to_dict(wall_seconds=wall, manifest_rows=plan.total_rows, extra=extra)
     if stats.totals.rows:  # a run that rendered nothing leaves the output's figures as they were
         write_run(fs, root, record)
@@ -386,25 +403,24 @@ def _execute(
     remaining: int,
     stats: JobStats,
     *,
-    progress: bool,
+    line: JobLine,
     passthrough: pa.Schema,
-    generate: GeneratorPool | ModelActors,
+    generate: ModelActors | None,
     on_part: Callable[[PartStats], None] | None,
+    clock: WallClock,
 ) -> None:
     """Stream the Ray Data graph over the pending read tasks, counting parts as they commit."""
+    board = start_board() if line.enabled and generate is None else None
+    line.begin(remaining, actors=config.resources.actor_range[1], board=board)
     dataset = build_dataset(
         config,
         rows.read_tasks(),
         masks=rows.masks,
         slice_rows=read_slice_rows(remaining, config),
         passthrough=passthrough,
-        generate=generate,
+        generate=generate or GeneratorPool(progress=board),
     )
-    with (
-        _progress_bar(remaining, enabled=progress) as bar,
-        ticking(bar, enabled=progress),
-        watch_failed_stage() as failed,
-    ):
+    with watch_failed_stage() as failed:
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 assert isinstance(batch, pa.Table)
@@ -413,7 +429,8 @@ def _execute(
                     if on_part is not None:
                         on_part(record)
                     stats.add_part(record)
-                    bar.update(int(row["rows"]))
+                    line.committed(int(row["rows"]))
+            clock.generators(stats)
         except Exception as error:
             cause = user_error(error) or worker_death(error, max_retries=config.resources.max_retries, failed=failed)
             if cause is not None:
@@ -441,39 +458,37 @@ def _error_in_text(error: BaseException) -> SdxlBatchError | None:
     return None
 
 
-@contextmanager
-def ticking(bar: Any, *, enabled: bool, seconds: float = 1.0) -> Iterator[None]:
-    """Redraw the progress line every `seconds` whatever arrives: tqdm redraws only on an update,
-    and a job's first part can take minutes (Ray starting, the model loading on every actor), so
-    a line whose elapsed time stood still looked hung."""
-    if not enabled:
-        yield
-        return
-    stop = threading.Event()
+class WallClock:
+    """Where a job's wall time went: planning, starting Ray, starting the generators (actors'
+    start, model load and the first model call), rendering (first image to last commit) and
+    finishing (publishing the output and its statistics). Marks are seconds since the start
+    (`time.perf_counter`); the generators' first and last calls are epoch seconds."""
 
-    def tick() -> None:
-        while not stop.wait(seconds):
-            bar.refresh()
+    PHASES = ("planning", "starting_ray", "starting_generators", "rendering", "finishing")
 
-    thread = threading.Thread(target=tick, name="sdxl-batch-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.epoch_offset = time.time() - time.perf_counter()  # perf_counter -> epoch
+        self.marks: dict[str, float] = {}
 
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = time.perf_counter() - self.start
 
-def _progress_bar(total: int, *, enabled: bool) -> Any:
-    from tqdm import tqdm
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
-    return tqdm(
-        total=total,
-        unit="img",
-        desc="rendering",
-        disable=not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        smoothing=0.1,
-        bar_format="{desc}: {n}/{total} rows |{bar}| {rate_fmt} elapsed {elapsed} ETA {remaining}",
-    )
+    def generators(self, stats: JobStats) -> None:
+        """The first image (the end of the first model call of any actor) and the end of rendering
+        (now: the last part has committed)."""
+        first = min((w.first_end for w in stats.workers.values()), default=math.inf)
+        if math.isfinite(first):
+            self.marks["first_image"] = first - self.epoch_offset - self.start
+        self.marks["rendering"] = self.elapsed()
+
+    def breakdown(self, wall: float) -> dict[str, float]:
+        """Seconds per phase (`PHASES`), adding up to `wall`; phases a run did not have are 0."""
+        edges = [0.0]
+        for phase in ("planning", "starting_ray", "first_image", "rendering"):
+            edges.append(max(edges[-1], min(self.marks.get(phase, edges[-1]), wall)))
+        edges.append(wall)
+        return {name: round(b - a, 3) for name, a, b in zip(self.PHASES, edges, edges[1:], strict=False)}

@@ -106,13 +106,18 @@ class GenerateImages:
         on_gpu: bool,
         job: str,
         fleet: dict[str, FleetTypeConfig] | None = None,
+        progress: ActorHandle[Any] | None = None,
     ):
         """Ray constructs the actor from these (`fn_constructor_kwargs`). `job`: the Ray metrics'
         job tag (`stats.job_label`). `fleet`: a mixed fleet's settings per GPU type; the actor
         takes those of the type it was placed on (`run.fleet`: one pool, each actor asking for
         its type's resource), so Ray Data's blocks of the largest batch size are rendered in
-        calls of this type's own."""
+        calls of this type's own. `progress`: the job's `ProgressBoard`, told of the load and of
+        each model call's rows (the driver's progress line)."""
         self.node, self.actor, self.gpu, self.accelerator_type = _placement(on_gpu=on_gpu)
+        self.progress = progress
+        if progress is not None:
+            progress.loading.remote(self.actor)
         self.claimed_by: str | None = None
         self.load_seconds = 0.0
         problem = None
@@ -136,6 +141,8 @@ class GenerateImages:
         )
         loaded = load.result()
         self.load_error = problem or loaded
+        if progress is not None and self.load_error is None:
+            progress.loaded.remote(self.actor)
         self.metrics = JobMetrics(job=job, model=self.generator.model_name)
         read = nvml_reader() if self.load_error is None and self.generator.device == "cuda" else None
         self.sampler = UtilizationSampler(read) if read else None
@@ -218,6 +225,8 @@ class GenerateImages:
             )
             elapsed = time.perf_counter() - start
             calls.append((hi - lo, elapsed, time.time()))  # images, seconds, when it ended
+            if self.progress is not None:
+                self.progress.add.remote(hi - lo, calls[-1][2] - elapsed)
             seconds[lo:hi] = [elapsed / (hi - lo)] * (hi - lo)
             call_sizes[lo:hi] = sizes
         prompt_tokens, limit = self.generator.token_counts(prompts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,26 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
     rows[3]["width"], rows[3]["height"] = 64, 96  # a per-row size, batched on its own
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    result = run_cli("run", str(_config(tmp_path, model_cache, manifest, output)), "--no-progress")
+    result = run_cli("run", str(_config(tmp_path, model_cache, manifest, output)))
     assert result.returncode == 0, result.stderr
-    assert "Rendered 10 images" in result.stdout and str(output / "stats.json") in result.stdout
+    # A quiet console: the progress line (on a pipe, a plain line per phase and at the end) on
+    # standard error, the summary on standard output, and nothing else from Ray, torch or the hub.
+    progress = re.compile(
+        r"(checking the job|planning the manifest|starting Ray) \| 00:\d\d elapsed"
+        r"|(starting the generators|loading the model: \d/1 actors ready) \| 0/10 rows \| \d\d:\d\d elapsed"
+        r"|rendering: \d+/10 committed, \d+ rendered \| (\?|[\d.]+) img/s \(last min\) \| [\d:]+ elapsed, ETA [\d:?]+"
+    )
+    assert all(progress.fullmatch(text) for text in result.stderr.splitlines()), result.stderr
+    assert result.stderr.splitlines()[-1].startswith("rendering: 10/10 committed, 10 rendered")
+    summary = result.stdout.splitlines()
+    assert re.fullmatch(r"Rendered 10 images in [\d.]+ s: [\d.]+ images/s wall", summary[0]), summary
+    assert re.fullmatch(
+        r"  start-up [\d.]+ s \(checks and planning [\d.]+ s, starting Ray [\d.]+ s, starting the generators "
+        r"\(model load, first call\) [\d.]+ s\), rendering [\d.]+ s, finishing [\d.]+ s", summary[1]
+    ), summary
+    assert re.fullmatch(r"  [\d.]+ images/s rendering, [\d.]+ generating, [\d.]+ steady", summary[2]), summary
+    assert [text.split()[0] for text in summary[3:]] == ["images", "metadata", "stats"], summary
+    assert str(output / "stats.json") in result.stdout
 
     table = read_metadata(str(output))
     assert sorted(table.column("id").to_pylist()) == [r["id"] for r in rows]
@@ -50,6 +68,13 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
         assert row["generation_seconds"] > 0 and row["node"] and row["actor"]
     stats = json.loads((output / "stats.json").read_text())
     assert stats["rows"] == 10 and stats["images_per_second"] > 0 and stats["wall_seconds"] > 0
+    # Where the wall time went, adding up to it; the summary printed the same figures.
+    phases = stats["wall_breakdown_seconds"]
+    assert list(phases) == ["planning", "starting_ray", "starting_generators", "rendering", "finishing"]
+    assert abs(sum(phases.values()) - stats["wall_seconds"]) < 0.01 and phases["starting_generators"] > 0
+    assert stats["rendering_images_per_second"] == round(10 / phases["rendering"], 4)
+    assert f"{stats['images_per_second']:.2f} images/s wall" in summary[0]
+    assert f"{stats['rendering_images_per_second']:.2f} images/s rendering" in summary[2]
     assert {"generate", "encode", "upload", "generate.denoise", "generate.vae_decode"} <= set(stats["stage_seconds"])
     # One stats record per committed part, next to the outputs; stats.json merges them.
     parts = [json.loads(p.read_text()) for p in (output / "stats").glob("part-*.json")]

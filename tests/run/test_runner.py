@@ -87,26 +87,3 @@ def test_an_embedded_ray_starts_without_its_token_warning() -> None:
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
         assert ("Token authentication is enabled" in result.stderr) is shown, result.stderr[-2000:]
-
-
-def test_the_progress_line_is_redrawn_while_nothing_arrives() -> None:
-    """A job's first part can take minutes; the line's elapsed time must move meanwhile."""
-    import time
-
-    from pipeline.run.runner import ticking
-
-    class Bar:
-        redraws = 0
-
-        def refresh(self) -> None:
-            Bar.redraws += 1
-
-    with ticking(Bar(), enabled=True, seconds=0.05):
-        time.sleep(0.5)
-    assert Bar.redraws >= 3
-    drawn = Bar.redraws
-    time.sleep(0.2)
-    assert Bar.redraws == drawn  # stopped with the job
-    with ticking(Bar(), enabled=False, seconds=0.05):
-        time.sleep(0.2)
-    assert Bar.redraws == drawn  # no line, no redraws
