@@ -148,9 +148,7 @@ class JobLine:
     """The line on a stream (a terminal: redrawn in place every second; anything else: a plain
     line at each phase and every `PLAIN_EVERY_S`). `enabled=False` shows nothing."""
 
-    def __init__(
-        self, *, enabled: bool, stream: IO[str] | None = None, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, *, enabled: bool, stream: IO[str] | None = None, clock: Callable[[], float] = time.time) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.clock = clock

@@ -50,7 +50,8 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
     assert re.fullmatch(r"Rendered 10 images in [\d.]+ s: [\d.]+ images/s wall", summary[0]), summary
     assert re.fullmatch(
         r"  start-up [\d.]+ s \(checks and planning [\d.]+ s, starting Ray [\d.]+ s, starting the generators "
-        r"\(model load, first call\) [\d.]+ s\), rendering [\d.]+ s, finishing [\d.]+ s", summary[1]
+        r"\(model load, first call\) [\d.]+ s\), rendering [\d.]+ s, finishing [\d.]+ s",
+        summary[1],
     ), summary
     assert re.fullmatch(r"  [\d.]+ images/s rendering, [\d.]+ generating, [\d.]+ steady", summary[2]), summary
     assert [text.split()[0] for text in summary[3:]] == ["images", "metadata", "stats"], summary
