@@ -214,7 +214,9 @@ def submit(
     check_paths(config)
     if validate:
         check_job(config)
-        _, _, _, sizes = list_manifest_files(config.manifest, config.storage, sizes=True)
+        _, _, _, sizes = list_manifest_files(
+            config.manifest, config.storage, sizes=True, manifest_format=config.manifest_format
+        )
         if sum(sizes) <= LOCAL_PLANNING_BYTES:
             raise_for_bad_rows(plan_job(config))
         else:  # planned where the data is: by the job's own driver, on the cluster, before any GPU work

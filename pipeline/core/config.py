@@ -32,6 +32,8 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 OnBadRow = Literal["fail", "skip"]
 Attention = Literal["sdpa", "flash", "eager"]
+ManifestFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "json", "text", "arrow"]
+MAX_IMAGES_PER_PROMPT = 10_000
 
 
 def _weights_source(value: str) -> str:
@@ -396,7 +398,33 @@ class StorageConfig(_Section):
 
 
 class JobConfig(_Section):
-    manifest: str = Field(description="Parquet manifest: a file, a folder or a glob, local or s3://.")
+    manifest: str = Field(
+        description=(
+            "The manifest of prompts: a file, a folder or a glob, local or s3://; Parquet, CSV, TSV, JSON Lines, "
+            "a JSON array, plain text (one prompt per line) or a `datasets` save_to_disk folder (docs/manifests.md)."
+        )
+    )
+    manifest_format: ManifestFormat = Field(
+        default="auto",
+        description=(
+            "How the manifest's files are read: `auto` by their extension (`.parquet`, `.csv`, `.tsv`, `.jsonl` or "
+            "`.ndjson`, `.json`, `.txt`, `.arrow`; a folder takes its Parquet files, else its Arrow files, else the "
+            "others); or one format for every file whatever its name (`parquet`, `csv`, `tsv`, `jsonl`, `json`, "
+            "`text`, `arrow`): a `.txt` file that holds CSV, files without an extension. A folder then takes its "
+            "files with that format's extension or none. Ids do not depend on it."
+        ),
+    )
+    images_per_prompt: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_IMAGES_PER_PROMPT,
+        description=(
+            "Images rendered per manifest row. Image 0 keeps the row's id and seed; image k (k >= 1) has the id "
+            "`<id>-<k>` and the seed `(seed + k) mod 2**63`, so each image is the same whatever this is set to: "
+            "raising it renders only the new images of each row (resume), and 1 renders exactly the manifest's "
+            "ids. A real id equal to a derived one is a duplicate id (docs/manifests.md)."
+        ),
+    )
     output: str = Field(description="Output prefix, local or s3://.")
     on_bad_row: OnBadRow = Field(
         default="fail",

@@ -105,8 +105,11 @@ class JobPlan:
 
     def summary_lines(self) -> list[str]:
         m, c = self.manifest, self.config
+        n = m.images_per_prompt
+        images = "" if n == 1 else f", {n} images each: {count(m.total_rows, 'image')}"
+        how = "" if c.manifest_format == "auto" else f" (manifest_format: {c.manifest_format})"
         lines = [
-            f"manifest   {c.manifest}: {count(len(m.files), 'file')}, {count(m.total_rows, 'row')}",
+            f"manifest   {c.manifest}{how}: {count(len(m.files), 'file')}, {count(m.manifest_rows, 'row')}{images}",
             f"model      {self.preset.name} ({self.preset.weights_label()}; {self.preset.scheduler_label()})",
             f"output     {self.output}",
         ]
@@ -124,11 +127,12 @@ class JobPlan:
                 f"damaged    {len(m.damaged_parts):,} committed part(s) cannot be read: {names}{more}; `run` "
                 f"moves them aside to {DAMAGED_DIR}/ and renders their rows again"
             )
+        unit = "row" if m.images_per_prompt == 1 else "image"  # an output row is an image
         if self.done_rows:
-            lines.append(f"done       {count(self.done_rows, 'row')} already in the output (skipped: resume)")
-        lines.append(f"to render  {count(self.pending_rows, 'row')}")
+            lines.append(f"done       {count(self.done_rows, unit)} already in the output (skipped: resume)")
+        lines.append(f"to render  {count(self.pending_rows, unit)}")
         for (width, height, steps, guidance), rows in self.render_groups():
-            lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count(rows, 'row')}")
+            lines.append(f"           {width}x{height}, {steps} steps, guidance {guidance:g}: {count(rows, unit)}")
         calls = self.model_calls()
         if c.fleet:
             fleet = ", ".join(
@@ -239,6 +243,8 @@ def plan_job(config: JobConfig, *, overwrite: bool = False, executor: PlanExecut
             keep_problems=config.on_bad_row == "skip",
             output=config.output,
             committed=committed,
+            manifest_format=config.manifest_format,
+            images_per_prompt=config.images_per_prompt,
         )
     except (OSError, pa.ArrowInvalid) as error:
         raise StorageError(f"cannot read the output {output}: {type(error).__name__}: {error}") from error

@@ -1,10 +1,12 @@
-"""Reading and checking Parquet manifests of prompts and seeds.
+"""Reading and checking manifests of prompts (Parquet, or any format of `plan.formats`).
 
-Contract: `prompt` (string) and `seed` (integer, 0 <= seed < 2**63) are required; `id` (string)
-is optional, and when absent a stable id is derived from the file's path relative to the
-manifest root and the row's position, so the same manifest always yields the same ids.
-Optional per-row settings: `negative_prompt`, `width`, `height`, `steps`, `guidance_scale`.
-Every other column passes through unchanged into the output metadata.
+Contract: `prompt` (string) is required; `seed` (integer, 0 <= seed < 2**63) is optional, and when
+absent each row's seed derives from its id (`derive_seeds`); `id` (string) is optional, and when
+absent a stable id is derived from the file's path relative to the manifest root and the row's
+position, so the same manifest always yields the same ids. Optional per-row settings:
+`negative_prompt`, `width`, `height`, `steps`, `guidance_scale`. Every other column passes through
+unchanged into the output metadata. With `images_per_prompt` N, each row is N images with ids
+and seeds of their own (`image_ids`, `image_seeds`).
 
 Integer columns may also be stored as floats with integral values (pandas writes nullable
 integers that way).
@@ -32,7 +34,18 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import ManifestError, StorageError
 from pipeline.core.io import STORAGE_ERRORS, filesystem
-from pipeline.plan.formats import FORMAT_NAMES, TableFile, manifest_format, read_table_file, strip_format_suffix
+from pipeline.plan.formats import (
+    AUTO,
+    FORMAT_NAMES,
+    TableFile,
+    extensions,
+    in_folder,
+    label,
+    manifest_format,
+    read_as,
+    read_table_file,
+    strip_format_suffix,
+)
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -115,7 +128,9 @@ class Fragment:
     """A run of rows inside one row group of one manifest file: the unit the read stage loads.
 
     `row_offset` is the first row's position in the file (ids derive from it); `start` is its
-    position inside the row group.
+    position inside the row group. `format`: the job's `manifest_format` (`auto`: the file is read
+    by its extension, `plan.formats`); `images`: the job's `images_per_prompt`, each row read as that many images
+    (`image_ids`). Both travel with the read tasks, so the read stage needs no other setting.
     """
 
     uri: str
@@ -124,27 +139,38 @@ class Fragment:
     row_offset: int
     num_rows: int
     start: int = 0
+    format: str = AUTO
+    images: int = 1
 
 
-def _root_and_files(fs: AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
-    """The manifest's root, its files in name order, and the listing's entry of each."""
+def _root_and_files(
+    fs: AbstractFileSystem, path: str, uri: str, chosen: str = AUTO
+) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
+    """The manifest's root, its files in name order, and the listing's entry of each. `chosen`:
+    the job's `manifest_format` (which of a folder's files are manifests: `formats.in_folder`)."""
     if any(ch in path for ch in _GLOB_CHARS):
         prefix = path.split("*")[0].split("?")[0].split("[")[0]
         root = prefix if prefix.endswith("/") else posixpath.dirname(prefix)
         found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
     elif fs.isdir(path):
         root = path
-        found = _one_format(
-            {
-                p: info
-                for p, info in fs.find(path, detail=True).items()
-                if manifest_format(p) is not None and not _hidden(p, path) and info.get("type") == "file"
-            }
-        )
+        found = {
+            p: info
+            for p, info in fs.find(path, detail=True).items()
+            if in_folder(p, chosen) and not _hidden(p, path) and info.get("type") == "file"
+        }
+        if chosen == AUTO:
+            found = _one_format(found)
     elif fs.isfile(path):
         root, found = posixpath.dirname(path), {path: fs.info(path)}
     else:
         raise ManifestError(f"manifest not found: {uri} (expected a manifest file, a folder of them, or a glob)")
+    if not found and chosen != AUTO:
+        raise ManifestError(
+            f"manifest {uri} matches no {label(chosen)} files (manifest_format: {chosen}: in a folder, the files "
+            f"named {extensions(chosen)} or without an extension; a glob such as {uri.rstrip('/')}/*.txt takes "
+            "other names)"
+        )
     if not found:
         raise ManifestError(f"manifest {uri} matches no manifest files ({FORMAT_NAMES})")
     return root, sorted(found), found
@@ -168,18 +194,21 @@ def _hidden(path: str, root: str) -> bool:
 
 @overload
 def list_manifest_files(
-    uri: str, storage: StorageConfig | None = None, *, sizes: Literal[False] = False
+    uri: str, storage: StorageConfig | None = None, *, sizes: Literal[False] = False, manifest_format: str = AUTO
 ) -> tuple[AbstractFileSystem, str, list[str]]: ...
 @overload
 def list_manifest_files(
-    uri: str, storage: StorageConfig | None = None, *, sizes: Literal[True]
+    uri: str, storage: StorageConfig | None = None, *, sizes: Literal[True], manifest_format: str = AUTO
 ) -> tuple[AbstractFileSystem, str, list[str], list[int]]: ...
-def list_manifest_files(uri: str, storage: StorageConfig | None = None, *, sizes: bool = False) -> Any:
-    """Resolve a manifest URI (file, folder or glob) to its root and sorted Parquet files (and,
-    with `sizes`, their sizes in bytes, from the same listing)."""
+def list_manifest_files(
+    uri: str, storage: StorageConfig | None = None, *, sizes: bool = False, manifest_format: str = AUTO
+) -> Any:
+    """Resolve a manifest URI (file, folder or glob) to its root and sorted manifest files (and,
+    with `sizes`, their sizes in bytes, from the same listing). `manifest_format`: the job's
+    (`auto`: by extension), which decides which of a folder's files are manifests."""
     fs, path = filesystem(uri, storage)
     try:
-        root, files, found = _root_and_files(fs, path, uri)
+        root, files, found = _root_and_files(fs, path, uri, manifest_format)
     except ManifestError:
         raise
     except PermissionError as error:
@@ -191,8 +220,10 @@ def list_manifest_files(uri: str, storage: StorageConfig | None = None, *, sizes
     return fs, root, files
 
 
-def check_schema(schema: pa.Schema, uri: str) -> None:
-    """Raise a ManifestError naming the file and column if a known column is missing or mistyped."""
+def check_schema(schema: pa.Schema, uri: str, how: str = "") -> None:
+    """Raise a ManifestError naming the file and column if a known column is missing or mistyped;
+    `how`: the format the file was read in and why (`formats.read_as`), said where the columns
+    found suggest another format."""
     names = set(schema.names)
     for column, times in Counter(schema.names).items():
         if times > 1:
@@ -203,7 +234,8 @@ def check_schema(schema: pa.Schema, uri: str) -> None:
         if column not in names:
             raise ManifestError(
                 f"required column is missing (found columns: {', '.join(schema.names) or 'none'}); "
-                f"a manifest needs 'prompt' (string); 'seed' (integer) and 'id' (string) are optional",
+                f"a manifest needs 'prompt' (string); 'seed' (integer) and 'id' (string) are optional"
+                + (f" (read as {how})" if how else ""),
                 file=uri,
                 column=column,
             )
@@ -223,6 +255,52 @@ def derive_ids(relpath: str, row_offset: int, num_rows: int) -> pa.Array:
     """Stable ids for a manifest without an `id` column: `<file path without its extension>-<row>`."""
     stem = strip_format_suffix(relpath).replace("/", "__")
     return pa.array([f"{stem}-{row:09d}" for row in range(row_offset, row_offset + num_rows)], pa.string())
+
+
+# `images_per_prompt`: a manifest row renders N images. Image 0 is the row itself: its id and its
+# seed, so that N = 1 is exactly the manifest and raising N keeps every image already rendered.
+# Image k >= 1 has the id `<id>-<k>` and the seed `(seed + k) mod 2**63`: neither depends on N, so
+# an image is the same whatever N a run used, and N is not part of the settings fingerprint
+# (`plan.ledger`). Splitting at the last `-` gives back the row's id and k, so two images of the
+# manifest's rows never share an id; a manifest id equal to a derived one (rows `cat` and `cat-1`
+# with N >= 2) is found by the planner's duplicate-id check, which keeps the manifest's own id (image
+# 0) and reports the derived one (`plan.rows._duplicates`).
+
+
+def image_ids(ids: pa.Array | pa.ChunkedArray, image: np.ndarray) -> pa.Array:
+    """The ids of images: `ids[i]` for image 0, `f"{ids[i]}-{image[i]}"` for the others."""
+    ids = pc.cast(ids, pa.string())
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if not len(image) or not image.any():
+        return ids
+    suffixes = pa.array([""] + [f"-{k}" for k in range(1, int(image.max()) + 1)], pa.string())
+    return pc.binary_join_element_wise(ids, pc.take(suffixes, pa.array(image, pa.int64())), "")
+
+
+def expand_ids(ids: pa.Array | pa.ChunkedArray, images: int) -> pa.Array:
+    """Every image's id, row by row: `id`, `id-1`, ..., `id-<images - 1>` (`verify --manifest`)."""
+    if images == 1:
+        ids = pc.cast(ids, pa.string())
+        return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    rows = np.repeat(np.arange(len(ids), dtype=np.int64), images)
+    return image_ids(pc.take(ids, pa.array(rows)), np.tile(np.arange(images, dtype=np.int64), len(ids)))
+
+
+def expand_rows(rows: np.ndarray, images: int) -> np.ndarray:
+    """Each row's images, by position (row * images + k), row by row (what the pending masks index)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if images == 1:
+        return rows
+    return (rows[:, None] * images + np.arange(images, dtype=np.int64)).reshape(-1)
+
+
+def image_seeds(seeds: pa.Array | pa.ChunkedArray, image: np.ndarray) -> pa.Array:
+    """The seeds of images (int64, each `0 <= seed < 2**63`): `(seed + k) mod 2**63` for image k."""
+    seeds = pc.cast(seeds, pa.int64())
+    values = np.asarray(pc.fill_null(seeds, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    shifted = (values.astype(np.uint64) + np.asarray(image, dtype=np.uint64)) & np.uint64(SEED_LIMIT - 1)
+    nulls = np.asarray(pc.is_null(seeds).to_numpy(zero_copy_only=False), dtype=bool)
+    return pa.array(shifted.astype(np.int64), pa.int64(), mask=nulls if nulls.any() else None)
 
 
 @dataclass(frozen=True)
@@ -385,23 +463,35 @@ _DAMAGED = (pa.ArrowException, OSError, ValueError)
 
 
 @contextmanager
-def open_parquet(fs: AbstractFileSystem, path: str, uri: str) -> Iterator[pq.ParquetFile | TableFile]:
+def open_parquet(
+    fs: AbstractFileSystem, path: str, uri: str, manifest_format: str = AUTO
+) -> Iterator[pq.ParquetFile | TableFile]:
     """Open a manifest file for reading, closing it after use (manifests may have thousands):
-    Parquet read a row group at a time, any other format whole (`plan.formats`)."""
+    Parquet read a row group at a time, any other format whole (`plan.formats`). `manifest_format`:
+    the job's (`auto`: by the file's extension). A file its format cannot read is a ManifestError
+    naming the file, the format tried and how it was chosen."""
     try:
         handle = fs.open(path, "rb")
     except FileNotFoundError:
         raise ManifestError("file disappeared while reading; rerun the job", file=uri) from None
-    kind = manifest_format(path) or "parquet"
+    kind, how = read_as(path, manifest_format)
     with handle:
         if kind != "parquet":
-            yield read_table_file(handle, kind, uri)
+            yield read_table_file(handle, kind, uri, how)
             return
         try:
             parquet = pq.ParquetFile(handle)
         except _DAMAGED as error:
-            raise ManifestError(f"not a readable Parquet file ({error}); re-export it", file=uri) from None
+            raise ManifestError(
+                f"not a readable Parquet file ({error}); re-export it, or check its format ({how})", file=uri
+            ) from None
         yield parquet
+
+
+def format_hint(path: str, manifest_format: str = AUTO) -> str:
+    """How a file is read, for `check_schema`'s message when its columns look like another format's."""
+    kind, how = read_as(path, manifest_format)
+    return f"{label(kind)}, {how}"
 
 
 def read_row_group(
@@ -498,27 +588,36 @@ def read_fragment(
     rules: RowRules = GENERIC_RULES,
     reject: list[int] | None = None,
 ) -> pa.Table:
-    """Read, check and normalise one slice of a manifest file, without its `reject`ed rows
-    (indices inside the slice). The rows left must pass the checks that planning applied: if
-    one does not, the file changed after planning, and the job stops naming the row."""
+    """Read, check and normalise one slice of a manifest file, without its `reject`ed images
+    (indices inside the slice: rows, or with `fragment.images` N, row * N + k for image k). The
+    images left must pass the checks that planning applied: if one does not, the file changed after
+    planning, and the job stops naming the row. Image k of a row gets its id and seed (`image_ids`)."""
     fs, path = filesystem(fragment.uri, storage)
-    with open_parquet(fs, path, fragment.uri) as parquet:
+    with open_parquet(fs, path, fragment.uri, fragment.format) as parquet:
         table = read_row_group(parquet, fragment)
     if "id" not in table.column_names:  # derived from positions, so before any row is dropped
         table = table.add_column(0, "id", derive_ids(fragment.relpath, fragment.row_offset, table.num_rows))
-    positions = np.arange(table.num_rows)
+    images = fragment.images
+    positions = np.arange(table.num_rows * images)
     if reject:
         positions = np.setdiff1d(positions, np.asarray(reject, dtype=np.int64))
-        table = table.take(pa.array(positions, pa.int64()))
-    bad, columns, reasons = row_problems(table, rules)
+    if reject or images > 1:
+        table = table.take(pa.array(positions // images, pa.int64()))
+    bad, columns, reasons = row_problems(table, rules)  # the rows' own values, before images derive theirs
     if len(bad):
         raise ManifestError(
             f"{reasons[0]} (the file changed after the job was planned; rerun the job to re-validate it)",
             file=fragment.uri,
-            row=fragment.row_offset + int(positions[bad[0]]),
+            row=fragment.row_offset + int(positions[bad[0]]) // images,
             column=columns[0],
         )
-    return normalize(table, fragment)
+    table = normalize(table, fragment)
+    if images > 1:
+        image = positions % images
+        table = table.set_column(0, "id", image_ids(table.column("id"), image))
+        index = table.schema.get_field_index("seed")
+        table = table.set_column(index, "seed", image_seeds(table.column("seed"), image))
+    return table
 
 
 def _slice(table: pa.Table, fragment: Fragment) -> pa.Table:

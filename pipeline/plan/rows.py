@@ -39,6 +39,7 @@ import pyarrow.dataset as pads
 from pipeline.core.errors import ManifestError
 from pipeline.core.io import filesystem, full_uri
 from pipeline.core.partition import split_by_partition
+from pipeline.plan.formats import AUTO
 from pipeline.plan.manifest import (
     COLUMNS,
     GENERIC_RULES,
@@ -50,6 +51,9 @@ from pipeline.plan.manifest import (
     RowRules,
     check_schema,
     derive_ids,
+    expand_rows,
+    format_hint,
+    image_ids,
     list_manifest_files,
     open_parquet,
     read_fragment,
@@ -78,11 +82,13 @@ _DUPLICATE_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class ManifestFile:
-    """One file of the manifest: its position in the job (files in name order) and where it is."""
+    """One file of the manifest: its position in the job (files in name order), where it is, and
+    the job's `manifest_format` (`auto`: the file is read by its extension, `formats.read_as`)."""
 
     index: int
     uri: str
     relpath: str
+    format: str = AUTO
 
 
 @dataclass
@@ -98,6 +104,7 @@ class FileScan:
     problem_count: int
     problem_columns: Counter[str]
     settings: list[Settings]  # the file's distinct per-row settings; its codes index this list
+    format: str = AUTO  # the job's `manifest_format` (`auto`: by the file's extension)
 
     @property
     def rows(self) -> int:
@@ -114,24 +121,31 @@ class JoinSummary:
 @dataclass
 class FilePending:
     index: int
-    row_groups: list[int]  # rows to render per row group
-    settings: dict[int, int]  # rows to render per settings code
+    row_groups: list[int]  # images to render per row group
+    settings: dict[int, int]  # images to render per settings code
 
 
 def scan_file(
-    file: ManifestFile, storage: StorageConfig | None, rules: RowRules, keep_all: bool, partitions: int
+    file: ManifestFile,
+    storage: StorageConfig | None,
+    rules: RowRules,
+    keep_all: bool,
+    partitions: int,
+    images: int = 1,
 ) -> tuple[Any, ...]:
     """Check one manifest file and partition its good rows' ids. Returns the `FileScan`, the bad-row
-    mask, the settings codes, then the `partitions` tables of (id, file, row)."""
+    mask, the settings codes, then the `partitions` tables of (id, file, row). With `images` N
+    (`images_per_prompt`) the tables hold each good row's N images: their ids (`image_ids`) at
+    positions row * N + k, which the pending masks index; the mask and codes stay per row."""
     fs, path = filesystem(file.uri, storage)
     problems = Problems(keep_all)
     row_groups: list[int] = []
     ids_chunks: list[pa.Array] = []
     bad_chunks: list[np.ndarray] = []
     setting_chunks: list[np.ndarray] = []
-    with open_parquet(fs, path, file.uri) as parquet:
+    with open_parquet(fs, path, file.uri, file.format) as parquet:
         schema = parquet.schema_arrow
-        check_schema(schema, file.uri)
+        check_schema(schema, file.uri, format_hint(path, file.format))
         columns = [c for c in ("id", "prompt", "seed", *SETTING_COLUMNS) if c in schema.names]
         offset = 0
         for index in range(parquet.metadata.num_row_groups):
@@ -161,11 +175,13 @@ def scan_file(
     bad_mask = np.concatenate(bad_chunks) if bad_chunks else np.zeros(0, dtype=bool)
     settings, codes = _settings_codes(setting_chunks)
     good = np.flatnonzero(~bad_mask)
+    positions = expand_rows(good, images)  # each good row's images
+    ids = pc.take(pa.chunked_array(ids_chunks, pa.string()), pa.array(positions // images, pa.int64()))
     keys = pa.table(
         [
-            pc.take(pa.chunked_array(ids_chunks, pa.string()), pa.array(good, pa.int64())),
-            pa.array(np.full(len(good), file.index, dtype=np.int32)),
-            pa.array(good, pa.int64()),
+            image_ids(ids, positions % images) if images > 1 else ids,
+            pa.array(np.full(len(positions), file.index, dtype=np.int32)),
+            pa.array(positions, pa.int64()),
         ],
         schema=_KEY_SCHEMA,
     )
@@ -179,6 +195,7 @@ def scan_file(
         problem_count=problems.count,
         problem_columns=problems.by_column,
         settings=settings,
+        format=file.format,
     )
     return (scan, bad_mask, codes, *split_by_partition(keys, "id", partitions))
 
@@ -226,14 +243,15 @@ def read_done(output: str, storage: StorageConfig | None, paths: list[str], part
 
 
 def join_partition(
-    groups: list[tuple[int, int]], keep_all: bool, manifest_tables: int, *tables: pa.Table
+    groups: list[tuple[int, int]], keep_all: bool, images: int, manifest_tables: int, *tables: pa.Table
 ) -> tuple[Any, ...]:
     """One partition: `manifest_tables` tables of (id, file, row) in file order, then the committed
     ids. Returns the `JoinSummary`, then per file group (`groups`: file index ranges) the rows to
-    skip, (file, row) in order: later occurrences of an id and rows already done."""
+    skip, (file, row) in order: later occurrences of an id and rows already done. With `images` N,
+    rows are images (row * N + k) and a manifest's own id (image 0) comes before a derived one."""
     keys = pa.concat_tables(tables[:manifest_tables]) if manifest_tables else _KEY_SCHEMA.empty_table()
     done_ids = [t.column("id") for t in tables[manifest_tables:] if t.num_rows]
-    duplicates, later = _duplicates(keys, keep_all)
+    duplicates, later = _duplicates(keys, keep_all, images)
     done = np.zeros(keys.num_rows, dtype=bool)
     if done_ids:
         done = np.asarray(pc.is_in(keys.column("id"), value_set=pa.chunked_array(done_ids).combine_chunks()))
@@ -249,8 +267,11 @@ def join_partition(
     return (summary, *(skip.slice(int(a), int(b - a)) for a, b in itertools.pairwise(bounds)))
 
 
-def _duplicates(keys: pa.Table, keep_all: bool) -> tuple[tuple[pa.Table, int], np.ndarray]:
-    """Every occurrence of an id after its first one (by file, then row), and the mask of them."""
+def _duplicates(keys: pa.Table, keep_all: bool, images: int = 1) -> tuple[tuple[pa.Table, int], np.ndarray]:
+    """Every occurrence of an id after its first one (by file, then row), and the mask of them.
+    With `images` N, a manifest's own id (image 0: row % N == 0) comes before every derived id
+    (`<id>-<k>`): of rows `cat` and `cat-1`, image 1 of `cat` is the duplicate, and `cat-1` renders
+    as it did with N = 1."""
     later = np.zeros(keys.num_rows, dtype=bool)
     counts = pc.value_counts(keys.column("id"))
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
@@ -258,7 +279,8 @@ def _duplicates(keys: pa.Table, keep_all: bool) -> tuple[tuple[pa.Table, int], n
         return (_DUPLICATE_SCHEMA.empty_table(), 0), later
     positions = np.flatnonzero(np.asarray(pc.fill_null(pc.is_in(keys.column("id"), value_set=repeated), False)))
     rows = keys.take(pa.array(positions, pa.int64())).append_column("position", pa.array(positions, pa.int64()))
-    rows = rows.sort_by([("id", "ascending"), ("file", "ascending"), ("row", "ascending")])
+    rows = rows.append_column("derived", pa.array(rows.column("row").to_numpy() % images != 0))
+    rows = rows.sort_by([("id", "ascending"), ("derived", "ascending"), ("file", "ascending"), ("row", "ascending")])
     ids = rows.column("id")
     same = np.zeros(rows.num_rows, dtype=bool)
     same[1:] = np.asarray(pc.equal(ids.slice(1), ids.slice(0, rows.num_rows - 1)))
@@ -280,15 +302,18 @@ def _duplicates(keys: pa.Table, keep_all: bool) -> tuple[tuple[pa.Table, int], n
     return (details, int(same.sum())), later
 
 
-def finish_files(files: list[tuple[int, list[int]]], skip_tables: int, *args: Any) -> tuple[Any, ...]:
+def finish_files(files: list[tuple[int, list[int]]], images: int, skip_tables: int, *args: Any) -> tuple[Any, ...]:
     """A group of files' pending rows: `skip_tables` tables of (file, row) to skip, then each
     file's bad-row mask and settings codes. Returns the `FilePending` list, then each file's
-    pending rows as a packed bit mask (`np.packbits`)."""
+    pending rows as a packed bit mask (`np.packbits`). With `images` N, rows are images: a file's
+    mask has N bits per row (row * N + k), and the counts are of images."""
     skip = pa.concat_tables(args[:skip_tables]) if skip_tables else _SKIP_SCHEMA.empty_table()
     skip_files, skip_rows = skip.column("file").to_numpy(), skip.column("row").to_numpy()
     summaries, masks = [], []
     for k, (index, row_groups) in enumerate(files):
         bad, codes = args[skip_tables + 2 * k], args[skip_tables + 2 * k + 1]
+        if images > 1:
+            bad, codes, row_groups = np.repeat(bad, images), np.repeat(codes, images), [g * images for g in row_groups]
         pending = ~bad
         pending[skip_rows[skip_files == index]] = False
         ends = np.cumsum(row_groups)
@@ -310,6 +335,12 @@ class RowPlan:
 
     `masks` maps a file's index to a handle (a Ray object reference, or the array itself when
     planned in this process) of its packed pending-row mask, which only the read stage opens.
+
+    Rows are output rows, images: with `images_per_prompt` N a manifest row is N of them (its
+    positions row * N + k in the masks), and `total_rows`, `pending_rows`, `done_rows` and the
+    settings counts count images (N = 1: the manifest's rows). `problem_count` counts the entries
+    of `problems` (what rejects/ lists): a manifest row with a bad value once (all of its images
+    are skipped), a duplicate id once per image; `rejected_rows` counts the images they skip.
     """
 
     root: str
@@ -324,18 +355,26 @@ class RowPlan:
     committed_rows: int
     passthrough: pa.Schema
     damaged_parts: list[tuple[str, str]] = field(default_factory=list)  # (path, why): committed, unreadable
+    images_per_prompt: int = 1
+    rejected_rows: int | None = None  # images the problems skip (None: `problem_count`, as with N = 1)
 
     @property
     def files(self) -> list[str]:
         return [scan.uri for scan in self.scans]
 
     @property
-    def total_rows(self) -> int:
+    def manifest_rows(self) -> int:
+        """The manifest's rows (each `images_per_prompt` images)."""
         return sum(scan.rows for scan in self.scans)
 
     @property
+    def total_rows(self) -> int:
+        """The images the manifest asks for: its rows times `images_per_prompt`."""
+        return self.manifest_rows * self.images_per_prompt
+
+    @property
     def good_rows(self) -> int:
-        return self.total_rows - self.problem_count
+        return self.total_rows - (self.problem_count if self.rejected_rows is None else self.rejected_rows)
 
     @property
     def pending_rows(self) -> int:
@@ -350,23 +389,28 @@ class RowPlan:
         ]
 
     def read_tasks(self) -> list[dict[str, Any]]:
-        """One read task per row group with rows to render: the `Fragment`'s fields, plus the
-        file's index and rows (to open its pending mask) and the rows it will yield."""
+        """One read task per row group with rows to render: the `Fragment`'s fields (its file's
+        format and `images_per_prompt` among them), plus the file's index and length in images (to
+        open its pending mask) and the images it will yield."""
         tasks = []
+        images = self.images_per_prompt
         for scan in self.scans:
             offset = 0
             for group, (rows, pending) in enumerate(
                 zip(scan.row_groups, self.pending_row_groups[scan.index], strict=True)
             ):
                 if pending:
-                    fragment = Fragment(scan.uri, scan.relpath, group, offset, rows)
-                    tasks.append({**asdict(fragment), "file": scan.index, "file_rows": scan.rows, "pending": pending})
+                    fragment = Fragment(scan.uri, scan.relpath, group, offset, rows, format=scan.format, images=images)
+                    tasks.append(
+                        {**asdict(fragment), "file": scan.index, "file_rows": scan.rows * images, "pending": pending}
+                    )
                 offset += rows
         return tasks
 
     def pending_mask(self, index: int) -> np.ndarray:
-        """File `index`'s pending rows as a bool array (gathered from wherever it was planned)."""
-        return unpack_mask(resolve(self.masks[index]), self.scans[index].rows)
+        """File `index`'s pending images as a bool array (gathered from wherever it was planned):
+        one per row, or with `images_per_prompt` N, row * N + k for image k."""
+        return unpack_mask(resolve(self.masks[index]), self.scans[index].rows * self.images_per_prompt)
 
 
 def resolve(handle: Any) -> Any:
@@ -382,8 +426,9 @@ def read_pending(
     task: dict[str, Any], mask: np.ndarray, storage: StorageConfig | None, rules: RowRules = GENERIC_RULES
 ) -> pa.Table:
     """The pending rows of one read task (a row group), checked and normalised (`read_fragment`)."""
-    fragment = Fragment(**{name: task[name] for name in Fragment.__dataclass_fields__})
-    rows = mask[fragment.row_offset : fragment.row_offset + fragment.num_rows]
+    fragment = Fragment(**{name: task[name] for name in Fragment.__dataclass_fields__ if name in task})
+    images = fragment.images
+    rows = mask[fragment.row_offset * images : (fragment.row_offset + fragment.num_rows) * images]
     return read_fragment(fragment, storage, rules=rules, reject=np.flatnonzero(~rows).tolist())
 
 
@@ -463,16 +508,22 @@ def plan_rows(
     keep_problems: bool = False,
     output: str | None = None,
     committed: Sequence[str] = (),
+    manifest_format: str = AUTO,
+    images_per_prompt: int = 1,
 ) -> RowPlan:
     """Scan the manifest, join its ids with those of the `committed` metadata parts under
     `output`, and find the rows to render (the module docstring has the waves). Raises a
-    ManifestError or StorageError for a structural problem; bad rows are in the plan."""
-    fs, root, paths, sizes = list_manifest_files(manifest, storage, sizes=True)
-    files = [ManifestFile(i, full_uri(fs, p), posixpath.relpath(p, root)) for i, p in enumerate(paths)]
-    partitions = partitions_for(sum(sizes), executor)
+    ManifestError or StorageError for a structural problem; bad rows are in the plan.
+    `manifest_format`: the job's (`auto`: each file by its extension); `images_per_prompt` N: each
+    row is N images, each planned as a row of its own (`scan_file`), so resume, duplicates and the
+    read stage work on images."""
+    images = images_per_prompt
+    fs, root, paths, sizes = list_manifest_files(manifest, storage, sizes=True, manifest_format=manifest_format)
+    files = [ManifestFile(i, full_uri(fs, p), posixpath.relpath(p, root), manifest_format) for i, p in enumerate(paths)]
+    partitions = partitions_for(sum(sizes) * images, executor)
     scans = [
         ScanHandles.of(
-            executor.submit(scan_file, f, storage, rules, keep_problems, partitions, num_returns=3 + partitions)
+            executor.submit(scan_file, f, storage, rules, keep_problems, partitions, images, num_returns=3 + partitions)
         )
         for f in files
     ]
@@ -494,6 +545,7 @@ def plan_rows(
                 join_partition,
                 groups,
                 keep_problems,
+                images,
                 len(files),
                 *(scan.partitions[p] for scan in scans),
                 *(batch.partitions[p] for batch in done),
@@ -507,6 +559,7 @@ def plan_rows(
             executor.submit(
                 finish_files,
                 [(f, summaries[f].row_groups) for f in range(lo, hi)],
+                images,
                 partitions,
                 *(join.skips[g] for join in joins),
                 *(handle for f in range(lo, hi) for handle in (scans[f].bad, scans[f].codes)),
@@ -517,8 +570,9 @@ def plan_rows(
     ]
     joined: list[JoinSummary] = executor.get([join.summary for join in joins])
     pending: list[list[FilePending]] = executor.get([finish.summary for finish in finishes])
-    problems, count, columns = _problems(summaries, joined, keep_problems)
+    problems, count, columns = _problems(summaries, joined, keep_problems, images)
     done_batches: list[DoneBatch] = executor.get([batch.summary for batch in done])
+    duplicates = sum(j.duplicate_count for j in joined)
     return RowPlan(
         root=full_uri(fs, root),
         scans=summaries,
@@ -536,6 +590,8 @@ def plan_rows(
         committed_rows=sum(batch.rows for batch in done_batches),
         passthrough=passthrough.schema(),
         damaged_parts=[part for batch in done_batches for part in batch.damaged],
+        images_per_prompt=images,
+        rejected_rows=(count - duplicates) * images + duplicates,
     )
 
 
@@ -547,9 +603,24 @@ def _settings(scans: list[FileScan], pending: list[FilePending]) -> Counter[Sett
     return counts
 
 
-def _problems(scans: list[FileScan], joined: list[JoinSummary], keep_all: bool) -> tuple[pa.Table, int, Counter[str]]:
+def _image_duplicate(first_uri: str, row: int, first: int, images: int) -> str:
+    """Why image `row % images` of a row is a duplicate of image `first % images` of another."""
+    k, j = row % images, first % images
+    if k == j:  # the rows' own ids are equal: every image of theirs is
+        return f"duplicate id (first at file {first_uri}, row {first // images}" + (f", image {k})" if k else ")")
+    return (
+        f"duplicate id: image {k} of this row has the id of image {j} of file {first_uri}, row {first // images} "
+        f"(images_per_prompt {images}: image k of a row has the id <id>-<k>; give no row the id of another's "
+        "followed by -<k>)"
+    )
+
+
+def _problems(
+    scans: list[FileScan], joined: list[JoinSummary], keep_all: bool, images: int = 1
+) -> tuple[pa.Table, int, Counter[str]]:
     """Every file's bad rows and every partition's duplicates, in (file, row) order: all of them
-    (`keep_all`), else the first few."""
+    (`keep_all`), else the first few. With `images` N, a duplicate is an image: its row is the
+    manifest row (position // N), and the reason says which images."""
     uris = [scan.uri for scan in scans]
     tables = [
         scan.problems.append_column("_file", pa.array([scan.index] * scan.problems.num_rows, pa.int32()))
@@ -559,10 +630,16 @@ def _problems(scans: list[FileScan], joined: list[JoinSummary], keep_all: bool) 
         if not join.duplicates.num_rows:
             continue
         d = join.duplicates.to_pydict()
-        reasons = [
-            f"duplicate id (first at file {uris[f]}, row {r})"
-            for f, r in zip(d["first_file"], d["first_row"], strict=True)
-        ]
+        if images == 1:
+            reasons = [
+                f"duplicate id (first at file {uris[f]}, row {r})"
+                for f, r in zip(d["first_file"], d["first_row"], strict=True)
+            ]
+        else:
+            reasons = [_image_duplicate(uris[f], r, first, images) for r, f, first in zip(
+                d["row"], d["first_file"], d["first_row"], strict=True
+            )]  # fmt: skip
+            d["row"] = [r // images for r in d["row"]]
         n = join.duplicates.num_rows
         tables.append(
             pa.table(

@@ -1,6 +1,7 @@
 """Manifests in the formats people keep prompts in (`plan.formats`): CSV, TSV, JSON Lines, JSON
 arrays, plain text and a `datasets` folder of Arrow files, planned, validated and read as Parquet
-is, with seeds derived from ids where a manifest has none."""
+is, with seeds derived from ids where a manifest has none; `manifest_format` for files whose
+extension says otherwise."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
-from pipeline.core.config import build_config
-from pipeline.core.errors import ManifestError
-from pipeline.plan.job import plan_job
+from pipeline.core.config import build_config, load_config
+from pipeline.core.errors import BadRows, ManifestError
+from pipeline.plan.job import plan_job, raise_for_bad_rows
 from pipeline.plan.manifest import derive_ids, derive_seeds
 from pipeline.plan.rows import iter_pending
 
@@ -26,9 +28,13 @@ ROWS = [
 
 def _write(folder: Path, kind: str, rows: list[dict[str, Any]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    if kind in ("csv", "tsv"):
+    if kind == "parquet":
+        path = folder / "m.parquet"
+        pa.parquet.write_table(pa.Table.from_pylist(rows), path)
+    elif kind in ("csv", "tsv"):
         sep = "," if kind == "csv" else "\t"
-        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in row.values()) for row in rows]
+        cell = lambda v: "" if v is None else str(v)  # noqa: E731
+        lines = [sep.join(rows[0])] + [sep.join(cell(v) for v in row.values()) for row in rows]
         path = folder / f"m.{kind}"
         path.write_text("\n".join(lines) + "\n")
     elif kind == "jsonl":
@@ -49,8 +55,8 @@ def _write(folder: Path, kind: str, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _plan(manifest: str, output: Path) -> Any:
-    return plan_job(build_config({"manifest": manifest, "output": str(output), "on_bad_row": "skip"}))
+def _plan(manifest: str, output: Path, **config: Any) -> Any:
+    return plan_job(build_config({"manifest": manifest, "output": str(output), "on_bad_row": "skip", **config}))
 
 
 @pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "json", "arrow"])
@@ -106,3 +112,175 @@ def test_a_csv_manifest_on_s3(tmp_path: Path, s3_bucket: str, s3_env: dict[str, 
     job = _plan(f"s3://{s3_bucket}/prompts/", tmp_path / "out")
     read = pa.concat_tables(iter_pending(job.manifest, None))
     assert read.column("prompt").to_pylist() == ["a red car", "a blue car"] and job.pending_rows == 2
+
+
+BAD: list[dict[str, Any]] = [
+    {"id": "a", "prompt": "a red car", "seed": 1, "width": 64},
+    {"id": "b", "prompt": None, "seed": 2, "width": 64},  # a missing prompt
+    {"id": "c", "prompt": "a blue car", "seed": 3.5, "width": 64},  # a seed that is not an integer
+    {"id": "d", "prompt": "a green car", "seed": 4, "width": 65},  # a width that is not a multiple of 8
+    {"id": "e", "prompt": "a white car", "seed": 5, "width": 128},
+]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "tsv", "jsonl", "json", "arrow"])
+def test_bad_rows_are_named_with_file_row_column_and_reason_in_every_format(tmp_path: Path, kind: str) -> None:
+    manifest = _write(tmp_path / "m", kind, BAD)
+    job = _plan(str(manifest), tmp_path / "out")
+    uri = job.manifest.files[0]
+    assert job.manifest.problem_lines() == [
+        f"file {uri}, row 1, column 'prompt' (id 'b'): prompt is missing (null)",
+        f"file {uri}, row 2, column 'seed' (id 'c'): seed is not an integer (got 3.5)",
+        f"file {uri}, row 3, column 'width' (id 'd'): width must be a multiple of 8 (got 65)",
+    ]
+    assert pending_ids_of(job) == ["a", "e"] and job.pending_rows == 2
+    failing = _plan(str(manifest), tmp_path / "out", on_bad_row="fail")
+    with pytest.raises(BadRows, match=r"(?s)3 bad row\(s\).*row 1, column 'prompt'.*row 3, column 'width'"):
+        raise_for_bad_rows(failing)
+
+
+def pending_ids_of(job: Any) -> list[str]:
+    return [i for table in iter_pending(job.manifest, None) for i in table.column("id").to_pylist()]
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "message"),
+    [
+        ("csv", "prompt,seed\na,1\nb,2\nc,x7\n", r"row 2, column 'seed': seed is not a number \(got 'x7'; 1 row "),
+        ("tsv", "prompt\twidth\na\t64\nb\twide\n", r"row 1, column 'width': width is not a number \(got 'wide'"),
+        ("jsonl", '{"prompt": "a", "seed": 1}\n{"prompt": "b", "seed": "x"}\n', r"row 1, column 'seed': seed is not a"),
+        ("jsonl", '{"prompt": "a"}\n\n{"prompt": "b",\n', r"row 1: line 3 is not JSON"),
+        (
+            "json",
+            '[{"prompt": "a", "seed": 1}, {"prompt": {"en": "b"}, "seed": 2}]',
+            r"row 1, column 'prompt': expected",
+        ),
+        ("json", '[{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": true}]', r"row 1, column 'seed': expected a"),
+        ("json", '[{"prompt": "a", "n": 1}, {"prompt": "b", "n": "x"}]', r"row 1, column 'n': expected a number"),
+    ],
+)
+def test_a_value_its_column_cannot_hold_names_file_row_and_column(
+    tmp_path: Path, kind: str, data: str, message: str
+) -> None:
+    """Text in a number column makes the whole column text (a structural problem, as a Parquet
+    column of the wrong type is): the error names the first such row."""
+    path = tmp_path / f"m.{kind}"
+    path.write_text(data)
+    with pytest.raises(ManifestError, match=rf"file {path}, {message}"):
+        _plan(str(path), tmp_path / "out")
+
+
+def test_numbers_written_as_text_are_numbers(tmp_path: Path) -> None:
+    """JSON numbers in strings, CSV numbers with spaces: read as numbers, and checked as any."""
+    (tmp_path / "m.jsonl").write_text('{"prompt": "a", "seed": "7", "width": "64"}\n{"prompt": "b", "seed": " 8 "}\n')
+    read = pa.concat_tables(iter_pending(_plan(str(tmp_path / "m.jsonl"), tmp_path / "out").manifest, None))
+    assert read.column("seed").to_pylist() == [7, 8] and read.column("width").to_pylist() == [64, None]
+
+
+def test_manifest_format_reads_a_file_whatever_its_extension(tmp_path: Path) -> None:
+    """A `.txt` file that holds CSV is read as text by its extension (its header is a prompt), as CSV
+    with `manifest_format: csv`; ids derive from the path, whatever the format."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("prompt,seed\na red car,7\na blue car,8\n")
+    as_text = pa.concat_tables(iter_pending(_plan(str(path), tmp_path / "o1").manifest, None))
+    assert as_text.column("prompt").to_pylist() == ["prompt,seed", "a red car,7", "a blue car,8"]
+    job = _plan(str(path), tmp_path / "o2", manifest_format="csv")
+    as_csv = pa.concat_tables(iter_pending(job.manifest, None))
+    assert as_csv.column("prompt").to_pylist() == ["a red car", "a blue car"]
+    assert as_csv.column("seed").to_pylist() == [7, 8]
+    assert (
+        as_csv.column("id").to_pylist()
+        == as_text.column("id").to_pylist()[:2]
+        == derive_ids("prompts.txt", 0, 2).to_pylist()
+    )
+    assert job.summary_lines()[0].startswith(f"manifest   {path} (manifest_format: csv): 1 file, 2 rows")
+    (tmp_path / "prompts").write_text('{"prompt": "a lighthouse"}\n{"prompt": "a fox"}\n')  # no extension
+    read = pa.concat_tables(
+        iter_pending(_plan(str(tmp_path / "prompts"), tmp_path / "o3", manifest_format="jsonl").manifest, None)
+    )
+    assert read.column("prompt").to_pylist() == ["a lighthouse", "a fox"]
+    assert read.column("id").to_pylist() == ["prompts-000000000", "prompts-000000001"]
+
+
+def test_manifest_format_in_a_folder_takes_its_files_of_that_format_or_without_extension(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "part-00000").write_text("prompt\na red car\n")
+    (folder / "part-00001.csv").write_text("prompt\na blue car\n")
+    (folder / "README.md").write_text("# prompts exported by the nightly job\n")
+    (folder / "_SUCCESS").write_text("")
+    job = _plan(str(folder), tmp_path / "out", manifest_format="csv")
+    assert [f.rsplit("/", 1)[1] for f in job.manifest.files] == ["part-00000", "part-00001.csv"]
+    assert pa.concat_tables(iter_pending(job.manifest, None)).column("prompt").to_pylist() == [
+        "a red car",
+        "a blue car",
+    ]
+    assert [f.rsplit("/", 1)[1] for f in _plan(str(folder), tmp_path / "o2").manifest.files] == ["part-00001.csv"]
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("prompt\na\n")
+    with pytest.raises(
+        ManifestError,
+        match=r"matches no CSV files \(manifest_format: csv: in a folder, the files named `\.csv` or without an "
+        r"extension; a glob such as .*/txt/\*\.txt",
+    ):
+        _plan(str(tmp_path / "txt"), tmp_path / "out", manifest_format="csv")
+    job = _plan(str(tmp_path / "txt" / "*.txt"), tmp_path / "out", manifest_format="csv")
+    assert job.pending_rows == 1
+
+
+WRONG_FORMAT = [  # (file, content, manifest_format, what the error says after "file F")
+    ("m.csv", "prompt,seed\na,1\n", "parquet", r": not a readable Parquet file \(.*\); re-export it, or check its "
+     r"format \(manifest_format: parquet\)"),
+    ("m.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n', "json", r": not a readable json file \(.*\); check its format "
+     r"\(manifest_format: json\)"),
+    ("prompts", "prompt\na\n", "auto", r": not a readable Parquet file \(.*\); re-export it, or check its format "
+     r"\(no manifest extension, so read as Parquet; set manifest_format for another format\)"),
+    ("m.parquet.csv", "a,b\n1,2\n", "auto", r", column 'prompt': required column is missing \(found columns: a, b\); "
+     r".* \(read as CSV, chosen by its extension; set manifest_format if it holds another format\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "data", "chosen", "message"), WRONG_FORMAT)
+def test_a_file_read_in_the_wrong_format_names_the_file_and_the_format_tried(
+    tmp_path: Path, name: str, data: str, chosen: str, message: str
+) -> None:
+    (tmp_path / name).write_text(data)
+    with pytest.raises(ManifestError, match=rf"file {tmp_path / name}{message}"):
+        _plan(str(tmp_path / name), tmp_path / "out", manifest_format=chosen)
+
+
+def test_manifest_format_is_a_top_level_key_with_known_values(tmp_path: Path) -> None:
+    config = load_config(None, manifest="m", output="o", overrides=["manifest_format=tsv"])
+    assert config.manifest_format == "tsv" and build_config({"manifest": "m", "output": "o"}).manifest_format == "auto"
+    with pytest.raises(
+        Exception, match=r"manifest_format \(from --set manifest_format=\.\.\.\): Input should be 'auto', 'parquet'"
+    ):
+        load_config(None, manifest="m", output="o", overrides=["manifest_format=xlsx"])
+
+
+def test_formats_with_bad_rows_and_manifest_format_on_s3(
+    tmp_path: Path, s3_bucket: str, s3_env: dict[str, str]
+) -> None:
+    """On S3 as on disk: bad rows named with the object's URI, a JSON Lines object without an
+    extension read with `manifest_format`, a TSV object by its extension."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    fs.pipe(f"{s3_bucket}/m/a.tsv", b"id\tprompt\tseed\na\ta red car\t1\nb\t\t2\nc\ta blue car\t2.5\n")
+    job = _plan(f"s3://{s3_bucket}/m/", tmp_path / "out")
+    assert job.manifest.problem_lines() == [
+        f"file s3://{s3_bucket}/m/a.tsv, row 1, column 'prompt' (id 'b'): prompt is missing (null)",
+        f"file s3://{s3_bucket}/m/a.tsv, row 2, column 'seed' (id 'c'): seed is not an integer (got 2.5)",
+    ]
+    assert pending_ids_of(job) == ["a"]
+    fs.pipe(f"{s3_bucket}/n/part-0", b'{"prompt": "a fox", "seed": 2}\n{"prompt": "an owl", "seed": 3}\n')
+    fs.pipe(f"{s3_bucket}/n/notes.md", b"# not prompts")
+    job = _plan(f"s3://{s3_bucket}/n/", tmp_path / "out2", manifest_format="jsonl")
+    read = pa.concat_tables(iter_pending(job.manifest, None))
+    assert read.column("id").to_pylist() == ["part-0-000000000", "part-0-000000001"]
+    assert read.column("seed").to_pylist() == [2, 3] and job.manifest.files == [f"s3://{s3_bucket}/n/part-0"]
+    fs.pipe(f"{s3_bucket}/w/m.json", b'{"prompt": "not an array"}')
+    with pytest.raises(
+        ManifestError, match=rf"file s3://{s3_bucket}/w/m.json: not a readable json file \(expected a JSON array"
+    ):
+        _plan(f"s3://{s3_bucket}/w/m.json", tmp_path / "out3")
