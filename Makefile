@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser demo test test-unit test-gpu lint format docs bench clean
+.PHONY: venv browser demo compare test test-unit test-gpu lint format docs bench clean
 
 venv: $(STAMP)
 
@@ -17,17 +17,24 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 TINY_HUB := .cache/tiny-hub
+# The demo's comparison: one preset of each kind (a distilled UNet, a LoRA, Turbo's one step);
+# `make compare` runs every kind, SDXL base's 30 steps included (some minutes on a CPU).
+DEMO_PRESETS := lightning-4step,lcm-lora,turbo
 COMPARE_PRESETS := sdxl-base,lightning-4step,lightning-lora-4step,lcm-lora,turbo,hyper-sd-2step
+COMPARE = HF_HUB_CACHE=$(TINY_HUB) HF_HUB_OFFLINE=1 $(BIN)/sdxl-batch compare \
+	--manifest configs/manifests/lightning-benchmark.parquet --set generation.width=128 --set generation.height=128
 
 demo: venv
 	$(BIN)/sdxl-batch run configs/demo.yaml
-	@echo "Side-by-side comparison of presets, from tiny stand-ins under their real hub names (offline):"
+	@echo "Side-by-side comparison of three presets, from tiny stand-ins under their real hub names (offline; all of them: make compare):"
 	$(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
-	HF_HUB_CACHE=$(TINY_HUB) HF_HUB_OFFLINE=1 $(BIN)/sdxl-batch compare --presets $(COMPARE_PRESETS) \
-		--manifest configs/manifests/lightning-benchmark.parquet --output outputs/demo-compare \
-		--set generation.width=128 --set generation.height=128
+	$(COMPARE) --presets $(DEMO_PRESETS) --output outputs/demo-compare
 	@echo "The demo job's report (open it in a browser):"
 	$(BIN)/sdxl-batch report outputs/demo
+
+compare: venv
+	$(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
+	$(COMPARE) --presets $(COMPARE_PRESETS) --output outputs/compare
 
 # Headless Chromium for the report's browser test (tests/integration/test_report_browser.py), which
 # skips itself without it (and fails on CI). Debian's packages, installed only when missing.

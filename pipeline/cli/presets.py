@@ -65,10 +65,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.commands.compare import run_compare
     from pipeline.core.io import join
     from pipeline.core.layout import COMPARE_FILE, STATS_FILE
+    from pipeline.run.progress import JobLine, console_above
 
     config = load_job_config(args)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    result = run_compare(config, presets, ray_address=ray_address(), progress=not args.no_progress)
+    line = JobLine(enabled=not args.no_progress)
+    with console_above(line, verbose=args.verbose):
+        result = run_compare(config, presets, ray_address=ray_address(), line=line)
     print(result.table)
     print(f"\nGrids ({len(result.grids)}):")
     for grid in result.grids:

@@ -18,6 +18,7 @@ from pipeline.core.io import filesystem, join, write_bytes
 from pipeline.core.layout import COMPARE_FILE, GRIDS_DIR, METADATA_DIR, STATS_FILE, read_json, write_json
 from pipeline.models.presets import check_job_settings, get_preset
 from pipeline.plan.settings import SettingDefaults
+from pipeline.run.progress import JobLine
 from pipeline.run.runner import JobResult, run_job
 
 if TYPE_CHECKING:
@@ -53,15 +54,25 @@ def preset_config(config: JobConfig, preset: str) -> JobConfig:
 
 
 def run_compare(
-    config: JobConfig, presets: list[str], *, ray_address: str | None = None, progress: bool = True
+    config: JobConfig,
+    presets: list[str],
+    *,
+    ray_address: str | None = None,
+    progress: bool = True,
+    line: JobLine | None = None,
 ) -> CompareResult:
-    """Render the manifest with every preset, then write the grids and the comparison table."""
+    """Render the manifest with every preset, then write the grids and the comparison table.
+    `line`: the console's progress line, restarted for each preset's job."""
     jobs = {name: preset_config(config, name) for name in presets}
     for job in jobs.values():  # every preset is checked before anything renders
         preset = get_preset(job.model.preset)
         defaults = SettingDefaults.from_config(job.generation, preset)
         check_job_settings(preset, steps=defaults.steps, guidance_scale=defaults.guidance_scale)
-    results = {name: run_job(job, ray_address=ray_address, progress=progress) for name, job in jobs.items()}
+    line = line or JobLine(enabled=progress)
+    results = {}
+    for name, job in jobs.items():
+        line.restart(name)
+        results[name] = run_job(job, ray_address=ray_address, line=line)
     fs, root = filesystem(config.output, config.storage)
     results = {name: with_rendered_figures(fs, join(root, name), result) for name, result in results.items()}
     rows = {name: _metadata_rows(fs, join(root, name)) for name in presets}

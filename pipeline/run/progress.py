@@ -153,6 +153,8 @@ class JobLine:
         self.stream = stream or sys.stderr
         self.clock = clock
         self.state = LineState(started=clock())
+        self.label = ""
+        self.active = True  # a job is running: between `restart` (or the start) and `finish`
         self.board: Any = None
         self.tty = self.enabled and bool(getattr(self.stream, "isatty", lambda: False)())
         self._lock = threading.Lock()
@@ -161,6 +163,13 @@ class JobLine:
         self._plain_key: tuple[str, int, int, int] | None = None
 
     # --- what the job tells it ------------------------------------------------------------------
+
+    def restart(self, label: str = "") -> None:
+        """A new job on the same console (`compare`: one per preset), its line prefixed `label: `."""
+        with self._lock:
+            self.state = LineState(started=self.clock())
+            self.label, self.active, self.board = label, True, None
+            self._shown, self._plain_key, self._last_plain = "", None, -math.inf
 
     def phase(self, text: str) -> None:
         with self._lock:
@@ -183,7 +192,7 @@ class JobLine:
     def write(self, text: str) -> None:
         """A line of other output, printed above the line."""
         with self._lock:
-            if self.tty and self._shown:
+            if self.tty and self._shown and self.active:
                 self.stream.write("\r\x1b[K")
             self.stream.write(text if text.endswith("\n") else text + "\n")
             self._shown = ""
@@ -192,13 +201,13 @@ class JobLine:
     def finish(self) -> None:
         """The last state, then the line ends (the summary follows on its own line)."""
         with self._lock:
-            if self.enabled and (self._shown or not self.tty):
+            if self.enabled and self.active and (self._shown or not self.tty):
                 self._draw(force=True)
                 if self.tty:
                     self.stream.write("\n")
                     self.stream.flush()
             self._shown = ""
-            self.enabled = False
+            self.active = False
 
     # --- drawing --------------------------------------------------------------------------------
 
@@ -224,10 +233,10 @@ class JobLine:
             self._draw()
 
     def _draw(self, *, force: bool = False) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.active):
             return
         now = self.clock()
-        text = self.state.text(now)
+        text = (f"{self.label}: " if self.label else "") + self.state.text(now)
         if self.tty:  # cut to the terminal's width: a wrapped line cannot be redrawn in place
             self.stream.write("\r\x1b[K" + text[: max(20, shutil.get_terminal_size().columns - 1)])
         else:  # a plain line when the phase or the counts changed, or every PLAIN_EVERY_S
@@ -243,7 +252,7 @@ class JobLine:
 @contextmanager
 def ticking(line: JobLine, *, seconds: float = 1.0) -> Iterator[None]:
     """`line.tick()` every `seconds` while the block runs."""
-    if not line.enabled:
+    if not (line.enabled and line.active):
         yield
         return
     stop = threading.Event()

@@ -25,7 +25,7 @@ def test_compare_a_preset_of_each_kind(tmp_path: Path, tiny_hub: Path, model_cac
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     # A full pipeline (stored scheduler), a UNet file (Euler), a LoRA (kohya layout) and a UNet folder
     # (LCM): each way of loading, through the job runner. tests/models/test_zoo.py loads and renders
-    # every preset; `make demo` compares six of them.
+    # every preset; `make demo` compares three of them, `make compare` six.
     presets = ["sdxl-base", "lightning-4step", "lightning-lora-4step", "lcm"]
     assert set(presets) <= set(PRESETS)
     output = tmp_path / "compare"
