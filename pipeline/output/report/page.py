@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.layout import STATS_DIR, STATS_FILE
 from pipeline.output.report.figures import actor_summaries, stage_breakdown, summarise_parts, throughput_series
 from pipeline.output.report.plots import MAX_ACTORS_PLOTTED, plot_actors, plot_stages, plot_throughput
+from pipeline.output.stats import wall_breakdown_text
 
 if TYPE_CHECKING:
     from jinja2 import Environment
@@ -64,8 +65,16 @@ SUMMARY_FIELDS: tuple[tuple[str, str, str, Callable[[Any], str]], ...] = (
     ("Rows", "Output, all runs", "output_rows", str),
     ("Rows", "Image bytes", "bytes", _size),
     ("Speed", "Wall time", "wall_seconds", _seconds),
+    (
+        "Speed",
+        "Wall time by phase",
+        "wall_breakdown_seconds",
+        lambda v: wall_breakdown_text({"wall_breakdown_seconds": v}),
+    ),
     ("Speed", "Images/s, wall time", "images_per_second", "{:.3g}".format),
-    ("Speed", "Images/s, generating", "generation_images_per_second", "{:.3g}".format),
+    ("Speed", "Images/s, rendering (first image to last commit)", "rendering_images_per_second", "{:.3g}".format),
+    ("Speed", "Images/s, generating (first model call to last)", "generation_images_per_second", "{:.3g}".format),
+    ("Speed", "Images/s, steady (after warm-up)", "steady_images_per_second", "{:.3g}".format),
     ("Speed", "Seconds per image", "seconds_per_image", "{:.3g} s".format),
     ("Speed", "Batch latency p50", "batch_latency_seconds", lambda v: f"{v['p50']:.3g} s"),
     ("Speed", "Batch latency p90", "batch_latency_seconds", lambda v: f"{v['p90']:.3g} s"),
