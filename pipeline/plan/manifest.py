@@ -154,9 +154,18 @@ def _root_and_files(
         found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
     elif fs.isdir(path):
         root = path
+        listing = fs.find(path, detail=True)
+        if any(posixpath.relpath(p, path) == "dataset_dict.json" for p in listing):
+            splits = sorted(
+                {posixpath.relpath(p, path).split("/")[0] for p in listing if "/" in posixpath.relpath(p, path)}
+            )
+            raise ManifestError(
+                f"manifest {uri} is a `datasets` DatasetDict folder (its splits: {', '.join(splits) or 'none'}): point "
+                f"the manifest at one split's folder, e.g. {uri.rstrip('/')}/{splits[0] if splits else 'train'}"
+            )
         found = {
             p: info
-            for p, info in fs.find(path, detail=True).items()
+            for p, info in listing.items()
             if in_folder(p, chosen) and not _hidden(p, path) and info.get("type") == "file"
         }
         if chosen == AUTO:
@@ -265,6 +274,14 @@ def derive_ids(relpath: str, row_offset: int, num_rows: int) -> pa.Array:
 # manifest's rows never share an id; a manifest id equal to a derived one (rows `cat` and `cat-1`
 # with N >= 2) is found by the planner's duplicate-id check, which keeps the manifest's own id (image
 # 0) and reports the derived one (`plan.rows._duplicates`).
+
+
+def manifest_reading(record: dict[str, Any] | None) -> tuple[str, int]:
+    """How the job that wrote an output read its manifest, from the output's `job.json` record:
+    (`manifest_format`, `images_per_prompt`); an output of an earlier version: (`auto`, 1).
+    `verify --manifest` reads the manifest so, to know which ids the job was to render."""
+    config = (record or {}).get("config") or {}
+    return str(config.get("manifest_format") or AUTO), int(config.get("images_per_prompt") or 1)
 
 
 def image_ids(ids: pa.Array | pa.ChunkedArray, image: np.ndarray) -> pa.Array:

@@ -284,3 +284,27 @@ def test_formats_with_bad_rows_and_manifest_format_on_s3(
         ManifestError, match=rf"file s3://{s3_bucket}/w/m.json: not a readable json file \(expected a JSON array"
     ):
         _plan(f"s3://{s3_bucket}/w/m.json", tmp_path / "out3")
+
+
+def test_a_folder_saved_by_datasets_save_to_disk(tmp_path: Path) -> None:
+    """The folder `datasets.Dataset.save_to_disk` writes (Arrow files beside its metadata); a
+    DatasetDict's folder holds one per split, and the job takes one split, named."""
+    import datasets
+
+    table = datasets.Dataset.from_list(
+        [{"prompt": "a fox", "seed": 1, "style": "ink"}, {"prompt": "an owl", "seed": 2, "style": "oil"}]
+    )
+    table.save_to_disk(str(tmp_path / "ds"))
+    read = pa.concat_tables(iter_pending(_plan(str(tmp_path / "ds"), tmp_path / "out").manifest, None))
+    assert read.select(["id", "prompt", "seed", "style"]).to_pylist() == [
+        {"id": "data-00000-of-00001-000000000", "prompt": "a fox", "seed": 1, "style": "ink"},
+        {"id": "data-00000-of-00001-000000001", "prompt": "an owl", "seed": 2, "style": "oil"},
+    ]
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(
+        ManifestError,
+        match=r"is a `datasets` DatasetDict folder \(its splits: test, train\): point the manifest at one split's "
+        r"folder, e.g. .*/dd/test",
+    ):
+        _plan(str(tmp_path / "dd"), tmp_path / "out")
+    assert _plan(str(tmp_path / "dd" / "train"), tmp_path / "out2").pending_rows == 2
