@@ -319,6 +319,8 @@ def joinable(a: str, b: str) -> bool:
     a, b = ("string" if k == "dictionary<string>" else k for k in (a, b))
     if a == b or "null" in (a, b) or {a, b} <= set(STRING_TYPES) or {a, b} <= set(FLOAT_TYPES):
         return True
+    if {a, b} <= {k for k in INT_TYPES if k.startswith("uint")}:  # the wider unsigned type holds both
+        return True
     if {a, b} <= set(INT_TYPES):  # some int64 or narrower type holds both ranges
         low, high = min(INT_RANGES[a][0], INT_RANGES[b][0]), max(INT_RANGES[a][1], INT_RANGES[b][1])
         return low >= -(2**63) and high <= 2**63 - 1
