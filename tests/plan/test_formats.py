@@ -262,7 +262,8 @@ def test_formats_with_bad_rows_and_manifest_format_on_s3(
     tmp_path: Path, s3_bucket: str, s3_env: dict[str, str]
 ) -> None:
     """On S3 as on disk: bad rows named with the object's URI, a JSON Lines object without an
-    extension read with `manifest_format`, a TSV object by its extension."""
+    extension read with `manifest_format` (and with two images per prompt), a TSV object by its
+    extension."""
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
@@ -279,6 +280,12 @@ def test_formats_with_bad_rows_and_manifest_format_on_s3(
     read = pa.concat_tables(iter_pending(job.manifest, None))
     assert read.column("id").to_pylist() == ["part-0-000000000", "part-0-000000001"]
     assert read.column("seed").to_pylist() == [2, 3] and job.manifest.files == [f"s3://{s3_bucket}/n/part-0"]
+    job = _plan(f"s3://{s3_bucket}/n/", tmp_path / "out2", manifest_format="jsonl", images_per_prompt=2)
+    read = pa.concat_tables(iter_pending(job.manifest, None))
+    assert read.column("id").to_pylist() == [
+        "part-0-000000000", "part-0-000000000-1", "part-0-000000001", "part-0-000000001-1",
+    ]  # fmt: skip
+    assert read.column("seed").to_pylist() == [2, 3, 3, 4]
     fs.pipe(f"{s3_bucket}/w/m.json", b'{"prompt": "not an array"}')
     with pytest.raises(
         ManifestError, match=rf"file s3://{s3_bucket}/w/m.json: not a readable json file \(expected a JSON array"
