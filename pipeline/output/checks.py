@@ -410,18 +410,24 @@ def _scan_tar_slowly(handle: IO[bytes], wanted: dict[str, bool]) -> dict[str, tu
 
 
 def manifest_partitions(
-    files: list[ManifestFile], storage: StorageConfig | None, rejects: list[list[str]], output: str, partitions: int
+    files: list[ManifestFile],
+    storage: StorageConfig | None,
+    rejects: list[list[str]],
+    output: str,
+    partitions: int,
+    images: int = 1,
 ) -> tuple[Any, ...]:
     """A group of manifest files' ids, each flagged where one of its `rejects` files (under
-    `output`) lists its row: the count of rejected rows, then `partitions` tables of (id, rejected)."""
+    `output`) lists its row: the count of rejected rows, then `partitions` tables of (id, rejected).
+    With `images` N (`images_per_prompt`), each row's N image ids, all flagged where its row is."""
     chunks = []
     rejected_rows = 0
     for file, named in zip(files, rejects, strict=True):
         manifest_fs, _ = filesystem(file.uri, storage)
         rejected = _rejected_rows(output, storage, named, file)
         rejected_rows += len(rejected)
-        for chunk in manifest_ids(manifest_fs, [file]):
-            rows = np.arange(chunk.row_offset, chunk.row_offset + len(chunk.ids))
+        for chunk in manifest_ids(manifest_fs, [file], images):
+            rows = np.repeat(np.arange(chunk.row_offset, chunk.row_offset + len(chunk.ids) // images), images)
             flags = np.isin(rows, rejected, assume_unique=True) if len(rejected) else np.zeros(len(rows), dtype=bool)
             chunks.append(pa.table({"id": chunk.ids, "rejected": flags}, schema=_MANIFEST_SCHEMA))
     table = pa.concat_tables(chunks) if chunks else _MANIFEST_SCHEMA.empty_table()

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from pipeline.core.errors import ManifestError
 from pipeline.core.io import full_uri
 from pipeline.output.streaming import bounded_map
-from pipeline.plan.manifest import check_schema, derive_ids, list_manifest_files, open_parquet
+from pipeline.plan.formats import AUTO
+from pipeline.plan.manifest import check_schema, derive_ids, expand_ids, list_manifest_files, open_parquet
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -41,6 +42,7 @@ class ManifestFile:
     relpath: str
     row_groups: tuple[int, ...]
     has_id: bool
+    format: str = AUTO  # the job's `manifest_format`
 
     @property
     def rows(self) -> int:
@@ -57,18 +59,23 @@ class IdChunk:
     ids: pa.Array
 
 
-def manifest_files(uri: str, storage: StorageConfig | None = None) -> tuple[AbstractFileSystem, list[ManifestFile]]:
+def manifest_files(
+    uri: str, storage: StorageConfig | None = None, manifest_format: str = AUTO
+) -> tuple[AbstractFileSystem, list[ManifestFile]]:
     """Every file of the manifest with its row groups, from the footers (read in parallel); a
-    file that is not a readable manifest raises a ManifestError naming it, as planning does."""
-    fs, root, paths = list_manifest_files(uri, storage)
+    file that is not a readable manifest raises a ManifestError naming it, as planning does.
+    `manifest_format`: the job's (`auto`: by extension)."""
+    fs, root, paths = list_manifest_files(uri, storage, manifest_format=manifest_format)
 
     def footer(path: str) -> ManifestFile:
         file_uri = full_uri(fs, path)
-        with open_parquet(fs, path, file_uri) as parquet:  # any manifest format (`plan.formats`)
+        with open_parquet(fs, path, file_uri, manifest_format) as parquet:  # any manifest format (`plan.formats`)
             schema, metadata = parquet.schema_arrow, parquet.metadata
         check_schema(schema, file_uri)
         groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-        return ManifestFile(file_uri, path, posixpath.relpath(path, root), groups, "id" in schema.names)
+        return ManifestFile(
+            file_uri, path, posixpath.relpath(path, root), groups, "id" in schema.names, manifest_format
+        )
 
     files = list(bounded_map(footer, paths))
     if not sum(f.rows for f in files):
@@ -76,8 +83,9 @@ def manifest_files(uri: str, storage: StorageConfig | None = None) -> tuple[Abst
     return fs, files
 
 
-def manifest_ids(fs: AbstractFileSystem, files: list[ManifestFile]) -> Iterator[IdChunk]:
-    """The ids of every row group of `files`, in order (files, then rows)."""
+def manifest_ids(fs: AbstractFileSystem, files: list[ManifestFile], images: int = 1) -> Iterator[IdChunk]:
+    """The ids of every row group of `files`, in order (files, then rows); with `images` N (the
+    job's `images_per_prompt`), each row's N image ids (`plan.manifest.expand_ids`)."""
     tasks = []
     for index, file in enumerate(files):
         offset = 0
@@ -89,12 +97,12 @@ def manifest_ids(fs: AbstractFileSystem, files: list[ManifestFile]) -> Iterator[
         index, group, offset, rows = task
         file = files[index]
         if not file.has_id:
-            return IdChunk(index, offset, derive_ids(file.relpath, offset, rows))
+            return IdChunk(index, offset, expand_ids(derive_ids(file.relpath, offset, rows), images))
         try:
-            with open_parquet(fs, file.path, file.uri) as parquet:
+            with open_parquet(fs, file.path, file.uri, file.format) as parquet:
                 column = parquet.read_row_group(group, columns=["id"]).column("id")
         except _DAMAGED as error:
             raise ManifestError(f"row group {group} is corrupt ({error})", file=file.uri) from None
-        return IdChunk(index, offset, pc.cast(column, pa.string()).combine_chunks())
+        return IdChunk(index, offset, expand_ids(pc.cast(column, pa.string()), images))
 
     yield from bounded_map(read, (t for t in tasks if t[3]))

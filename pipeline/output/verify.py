@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.io import filesystem, is_temporary_name, join
-from pipeline.core.layout import REJECTS_DIR, committed_parts
+from pipeline.core.layout import JOB_RECORD, REJECTS_DIR, committed_parts, read_json
 from pipeline.output.checks import (
     DUPLICATE,
     IMAGE_MISMATCH,
@@ -46,6 +46,7 @@ from pipeline.output.manifest_ids import ManifestFile, manifest_files
 from pipeline.output.orphans import Orphans, find_orphans, remove_orphans
 from pipeline.output.streaming import ImageReferences
 from pipeline.plan.executor import LocalExecutor, PlanExecutor
+from pipeline.plan.manifest import manifest_reading
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -192,15 +193,18 @@ class _Verify:
             _orphans(fs, root, report, parts=set(), tars=set(), images=None, clean=clean)
             return report
         executor = self._executor(len(paths))
-        _, files = manifest_files(self.manifest, self.storage) if self.manifest is not None else (fs, [])
-        part_rows = _rows_per_part(fs, paths)
-        partitions = min(
-            MAX_PARTITIONS, max(1, -(-max(part_rows * len(paths), sum(f.rows for f in files)) // ROWS_PER_JOIN))
+        # The manifest as the job that wrote the output read it (its job.json): format and images per row.
+        manifest_format, per_row = manifest_reading(read_json(fs, join(root, JOB_RECORD)))
+        _, files = (
+            manifest_files(self.manifest, self.storage, manifest_format) if self.manifest is not None else (fs, [])
         )
+        part_rows = _rows_per_part(fs, paths)
+        wanted_rows = sum(f.rows for f in files) * per_row
+        partitions = min(MAX_PARTITIONS, max(1, -(-max(part_rows * len(paths), wanted_rows) // ROWS_PER_JOIN)))
         if self.sample < 1.0:
             report.seed = random.SystemRandom().randrange(2**31)
         checks = self._check_parts(executor, paths, part_rows, report.seed or 0, partitions)
-        wanted = self._manifest_ids(executor, files, partitions)
+        wanted = self._manifest_ids(executor, files, partitions, per_row)
         report.manifest_rows = sum(f.rows for f in files) if self.manifest is not None else None
         joins = [
             executor.submit(
@@ -244,7 +248,7 @@ class _Verify:
         ]
 
     def _manifest_ids(
-        self, executor: PlanExecutor, files: list[ManifestFile], partitions: int
+        self, executor: PlanExecutor, files: list[ManifestFile], partitions: int, images: int = 1
     ) -> list[ManifestHandles]:
         """Wave 2: a task per group of manifest files, with the rejects files that name each."""
         if self.manifest is None:
@@ -252,7 +256,7 @@ class _Verify:
         rejects = rejects_naming(self.fs, _rejects_files(self.fs, self.root))
         groups: list[list[ManifestFile]] = [[]]
         for file in files:  # MIN_IDS_PER_TABLE ids per partition and group, at least
-            if sum(f.rows for f in groups[-1]) >= MIN_IDS_PER_TABLE * partitions:
+            if sum(f.rows for f in groups[-1]) * images >= MIN_IDS_PER_TABLE * partitions:
                 groups.append([])
             groups[-1].append(file)
         return [
@@ -264,6 +268,7 @@ class _Verify:
                     [rejects.get(f.uri, []) for f in group],
                     self.output,
                     partitions,
+                    images,
                     num_returns=1 + partitions,
                 )
             )

@@ -169,7 +169,9 @@ def planning_executor(config: JobConfig, ray_address: str | None, *, metrics_por
     one, or when the manifest is larger than LOCAL_PLANNING_BYTES of Parquet (an embedded Ray
     starts for it, as for rendering); else in this process, without starting Ray at all."""
     if ray_address is None:
-        _, _, _, sizes = list_manifest_files(config.manifest, config.storage, sizes=True)
+        _, _, _, sizes = list_manifest_files(
+            config.manifest, config.storage, sizes=True, manifest_format=config.manifest_format
+        )
         if sum(sizes) <= LOCAL_PLANNING_BYTES:
             return LocalExecutor()
     init_ray(ray_address, metrics_port=metrics_port)

@@ -20,11 +20,6 @@ def test_the_job_record_says_how_the_manifest_was_read() -> None:
     assert manifest_reading({"config": {"manifest_format": "csv", "images_per_prompt": 3}}) == ("csv", 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/output (verify.py, manifest_ids.py, checks.py) does not yet read the manifest as the job did: "
-    "plan.manifest.manifest_reading of job.json, expand_ids; remove this marker with that change",
-)
 def test_verify_expands_each_row_into_its_images(tmp_path: Path) -> None:
     (tmp_path / "prompts").write_text("id,prompt\na,p\nb,q\nc,\n")  # CSV without an extension; c is a bad row
     output = _parts(tmp_path / "out", [["a", "a-1", "a-2"], ["b", "b-2", "stray"]])
