@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.output.verify import verify_output
 from pipeline.plan.manifest import PROBLEM_SCHEMA, manifest_reading
