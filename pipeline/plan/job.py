@@ -142,20 +142,44 @@ class JobPlan:
         else:
             batch = c.generation.batch_size
             lines.append(f"batches    {count(calls, 'model call')} (batch size {batch}) on {c.resources.describe()}")
+        if self.pending_rows:
+            lines.append(self.estimate_line())
+        return lines
+
+    def startup_seconds(self) -> float | None:
+        """The previous run's start-up and finishing (`stats.json`'s `wall_breakdown_seconds`:
+        planning, starting Ray, starting the generators, finishing), which a run pays whatever it
+        renders; None before a run has measured them."""
+        phases = (self.previous_stats or {}).get("wall_breakdown_seconds")
+        if not isinstance(phases, dict):
+            return None
+        return float(sum(phases.get(k, 0.0) for k in ("planning", "starting_ray", "starting_generators", "finishing")))
+
+    def estimate_line(self) -> str:
+        """`validate`'s estimate of the run's wall time: start-up, then rendering, and what each
+        figure is based on."""
         estimate = self.estimate()
         if estimate is None:
-            lines.append("estimate   unknown: no measurement with these settings yet")
-        else:
-            seconds, source = estimate
-            # Automatic placement: as many actors as the previous run resolved.
-            actors = (
-                c.resources.max_actors if c.resources.actors else int((self.previous_stats or {}).get("actors") or 1)
+            return (
+                "estimate   unknown: no run into this output has measured these settings yet (`sdxl-batch "
+                "estimate` measures them; start-up alone, Ray and the model's load, takes 10 s to a few minutes)"
             )
-            lines.append(
-                f"estimate   {human_duration(seconds)} of generator time, about {human_duration(seconds / actors)} on "
-                f"{actors} actor(s) ({source})"
+        seconds, source = estimate
+        # Automatic placement: as many actors as the previous run resolved.
+        c = self.config
+        actors = c.resources.max_actors if c.resources.actors else int((self.previous_stats or {}).get("actors") or 1)
+        rendering = seconds / actors
+        startup = self.startup_seconds()
+        if startup is None:
+            return (
+                f"estimate   {human_duration(rendering)} of rendering on {actors} actor(s) ({source}; "
+                f"{human_duration(seconds)} of generator time), plus start-up (Ray, the model's load: not measured)"
             )
-        return lines
+        return (
+            f"estimate   about {human_duration(startup + rendering)}: start-up and finishing "
+            f"{human_duration(startup)} (as the previous run's), rendering {human_duration(rendering)} on "
+            f"{actors} actor(s) ({source})"
+        )
 
 
 def human_duration(seconds: float) -> str:

@@ -185,7 +185,21 @@ def test_estimate_uses_a_previous_measurement_with_the_same_settings(tmp_path: P
     job = _job(tmp_path, rows, resources={"actors": 2})
     seconds, source = job.estimate()
     assert seconds == pytest.approx(50.0) and "0.500 s/image" in source
-    assert "about 25 s on 2 actor(s)" in "\n".join(job.summary_lines())
+    assert (
+        "estimate   25 s of rendering on 2 actor(s) (0.500 s/image measured by the previous run into this output; "
+        "50 s of generator time), plus start-up (Ray, the model's load: not measured)" in "\n".join(job.summary_lines())
+    )
+    # With the previous run's start-up measured: the run's wall time, start-up included.
+    breakdown = {"planning": 0.5, "starting_ray": 3.0, "starting_generators": 8.0, "rendering": 4.0, "finishing": 0.5}
+    (out / "stats.json").write_text(
+        json.dumps({"rows": 10, "seconds_per_image": 0.5, "wall_breakdown_seconds": breakdown})
+    )
+    job = _job(tmp_path, rows, resources={"actors": 2})
+    assert job.startup_seconds() == 12.0
+    assert (
+        "estimate   about 37 s: start-up and finishing 12 s (as the previous run's), rendering 25 s on 2 actor(s)"
+        in "\n".join(job.summary_lines())
+    )
     (out / "job.json").write_text(json.dumps({"fingerprint": {"digest": "other"}}))
     assert _job(tmp_path, rows).estimate() is None  # other settings: no estimate
 
