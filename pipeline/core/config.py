@@ -298,6 +298,17 @@ class ResourcesConfig(_Section):
             "otherwise reload and crash for ever; a stopped job resumes from its committed parts."
         ),
     )
+    in_process: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Run the job in this process, without Ray: the same stages, parts, commits and statistics, with one "
+            "generator and encoding and writing on a thread beside it. `auto`: a job of at most 1,000 images to "
+            "render on one machine (no Ray address, no fleet, no --metrics-port) with one generator (one GPU, or "
+            "the CPU), where Ray's start and its workers' would take longer than the rendering. Without Ray a "
+            "crashed generator is not restarted (the job stops; the same command resumes) and no Ray metrics are "
+            "exported. `true` runs any such job in process; `false` always starts Ray."
+        ),
+    )
     wait_for_nodes_s: float = Field(
         default=600.0,
         gt=0.0,

@@ -218,7 +218,10 @@ class JobLine:
             try:
                 import ray
 
-                started, loaded, rendered, first_start = ray.get(board.snapshot.remote(), timeout=2)
+                if isinstance(board, ProgressBoard):  # a job in this process (`run.inprocess`)
+                    started, loaded, rendered, first_start = board.snapshot()
+                else:
+                    started, loaded, rendered, first_start = ray.get(board.snapshot.remote(), timeout=2)
             except Exception as error:  # the line must never stop the job
                 logger.debug("progress board: %s", error)
             else:

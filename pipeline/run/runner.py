@@ -46,6 +46,7 @@ from pipeline.plan.rows import RowPlan
 from pipeline.run.builder import LIGHT_STAGE_CPUS, GeneratorPool, ModelActors, build_dataset, model_info
 from pipeline.run.crashes import watch_failed_stage, worker_death
 from pipeline.run.fleet import cluster_gpu_types, resolve_fleet, resolve_precision
+from pipeline.run.inprocess import execute_in_process, in_process_config
 from pipeline.run.progress import JobLine, start_board, ticking
 from pipeline.run.session import init_ray
 
@@ -289,11 +290,18 @@ def _run_holding(
         )
     remaining = job.pending_rows
     fingerprint = job.fingerprint
+    local = None
     if remaining:
-        line.phase("starting Ray" if ray_address is None else "joining the Ray cluster")
-        init_ray(ray_address, metrics_port=metrics_port)
-        clock.mark("starting_ray")
-        resolved, why = (config, "") if generate else resolve_job(config, embedded=ray_address is None)
+        local = in_process_config(
+            config, remaining, ray_address=ray_address, metrics_port=metrics_port, tuning=generate is not None
+        )
+        if local is not None:
+            resolved, why = local
+        else:
+            line.phase("starting Ray" if ray_address is None else "joining the Ray cluster")
+            init_ray(ray_address, metrics_port=metrics_port)
+            clock.mark("starting_ray")
+            resolved, why = (config, "") if generate else resolve_job(config, embedded=ray_address is None)
         fingerprint = settings_fingerprint(resolved)
         if previous and job.done_rows:  # the precision and VAE, now that the job's GPUs are known
             check_fingerprint(previous.get("fingerprint"), fingerprint, job.output, resolved=why)
@@ -309,10 +317,17 @@ def _run_holding(
     stats = JobStats()
     if remaining:
         logger.info("%d of %d rows to render (%d already done)", remaining, plan.total_rows, job.done_rows)
-        _execute(
-            config, job.manifest, remaining, stats, line=line, passthrough=job.passthrough,
-            generate=generate, on_part=on_part, clock=clock,
-        )  # fmt: skip
+        if local is not None:
+            logger.info("a small job on one generator: rendering in this process, without Ray (resources.in_process)")
+            execute_in_process(
+                config, job.manifest, remaining, stats, line=line, passthrough=job.passthrough, on_part=on_part
+            )
+            clock.generators(stats)
+        else:
+            _execute(
+                config, job.manifest, remaining, stats, line=line, passthrough=job.passthrough,
+                generate=generate, on_part=on_part, clock=clock,
+            )  # fmt: skip
     line.phase("finishing")
     lease.check()  # another writer took over: its unfinished files are not ours to remove
     _publish(config, job.output)

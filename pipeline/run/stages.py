@@ -8,6 +8,8 @@ it uses (`builder` picks them from the job's config), so what a stage depends on
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
@@ -303,6 +305,11 @@ def _placement(*, on_gpu: bool) -> tuple[str, str, str, str]:
     and GPU type (`accelerator_type`)."""
     import ray
 
+    if not ray.is_initialized():  # a job run in the driver's process (`run.inprocess`)
+        from pipeline.run.telemetry import local_gpus
+
+        kind = (local_gpus()[1] or "GPU") if on_gpu else "CPU"
+        return f"local:{socket.gethostname()}", f"process-{os.getpid()}", "gpu0" if on_gpu else "", kind
     context = ray.get_runtime_context()
     actor = context.get_actor_id() or context.get_worker_id()
     gpu_ids = ray.get_gpu_ids()

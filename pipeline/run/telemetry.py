@@ -37,8 +37,11 @@ class JobMetrics:
         self.tags = {"sdxl_job": job, "model": model}
         self.metrics: dict[str, Any] = {}
         try:
+            import ray
             from ray.util import metrics
 
+            if not ray.is_initialized():  # a job run in the driver's process: no Ray, no metrics
+                return
             kinds = {"counter": metrics.Counter, "gauge": metrics.Gauge, "histogram": metrics.Histogram}
             for name, (kind, description, extra) in METRICS.items():
                 kwargs: dict[str, Any] = {"description": description, "tag_keys": BASE_TAGS + extra}
@@ -138,3 +141,18 @@ class UtilizationSampler:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=2)
+
+
+def local_gpus() -> tuple[int, str]:
+    """This machine's GPUs that this process may use (CUDA_VISIBLE_DEVICES), and their type as
+    Ray names it (`H100`, `A10G`; "" without a GPU), through Ray's own NVML probe (no torch import)."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager as Nvidia
+
+    try:
+        visible = Nvidia.get_current_process_visible_accelerator_ids()
+        count = len(visible) if visible is not None else Nvidia.get_current_node_num_accelerators()
+        kind = (Nvidia.get_current_node_accelerator_type() or "") if count else ""
+    except Exception as error:  # no driver, no NVML: no GPU for this job
+        logger.debug("no GPU found: %s", error)
+        return 0, ""
+    return count, kind

@@ -35,7 +35,10 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
     rows[3]["width"], rows[3]["height"] = 64, 96  # a per-row size, batched on its own
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    result = run_cli("run", str(_config(tmp_path, model_cache, manifest, output)))
+    # On Ray (a job this small would run in this process): its console and Ray's figures.
+    result = run_cli(
+        "run", str(_config(tmp_path, model_cache, manifest, output)), "--set", "resources.in_process=false"
+    )
     assert result.returncode == 0, result.stderr
     # A quiet console: the progress line (on a pipe, a plain line per phase and at the end) on
     # standard error, the summary on standard output, and nothing else from Ray, torch or the hub.
@@ -98,21 +101,37 @@ def test_run_renders_every_row_once(tmp_path: Path, model_cache: Path) -> None:
         assert row["note"] == "n" + str(int(row["id"].split("-")[1]))
 
 
-def test_batch_size_does_not_change_images(tmp_path: Path, model_cache: Path) -> None:
+def test_batch_size_and_the_runner_do_not_change_images(tmp_path: Path, model_cache: Path) -> None:
+    """Batch 1 on Ray and batch 4 in this process (`resources.in_process`, the default for a small
+    job on one generator): the same images, the same metadata but for where and when."""
     manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(4))
-    images = {}
-    for batch_size in (1, 4):
+    images, tables = {}, {}
+    for batch_size, in_process in ((1, "false"), (4, "auto")):
         output = tmp_path / f"out-{batch_size}"
         config = _config(tmp_path, model_cache, manifest, output)
-        result = run_cli("run", str(config), "--no-progress", "--set", f"generation.batch_size={batch_size}")
+        result = run_cli(
+            "run", str(config), "--no-progress", "--set", f"generation.batch_size={batch_size}",
+            "--set", f"resources.in_process={in_process}",
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
+        tables[batch_size] = read_metadata(str(output)).sort_by("id")
         images[batch_size] = {
             row["id"]: np.asarray(Image.open(output / row["image_path"])).astype(np.int16)
-            for row in read_metadata(str(output)).to_pylist()
+            for row in tables[batch_size].to_pylist()
         }
     assert images[1].keys() == images[4].keys()
     for row_id in images[1]:
         assert np.abs(images[1][row_id] - images[4][row_id]).max() <= 2
+    ray, here = tables[1], tables[4]
+    assert ray.schema == here.schema
+    varying = {"node", "actor", "generation_seconds", "encode_seconds", "peak_memory_mb", "render_batch_size",
+               "sha256", "bytes", "image_path", "committed_at"}  # fmt: skip
+    for name in set(ray.column_names) - varying:
+        assert ray.column(name).to_pylist() == here.column(name).to_pylist(), name
+    assert set(here.column("actor").to_pylist()) == {next(iter(here.column("actor").to_pylist()))}
+    assert here.column("node").to_pylist()[0].startswith("local:") and ray.column("node").to_pylist()[0] != "local"
+    stats = json.loads((tmp_path / "out-4" / "stats.json").read_text())
+    assert stats["wall_breakdown_seconds"]["starting_ray"] == 0.0 and stats["rows"] == 4
 
 
 def test_a_partly_matching_lora_is_counted_in_stats_when_allowed(

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 INJECT = Path(__file__).with_name("inject")
 
 
-def _job(tmp_path: Path, model_cache: Path, **resources: int) -> tuple[Path, Path, Path]:
+def _job(tmp_path: Path, model_cache: Path, **resources: int | bool) -> tuple[Path, Path, Path]:
     manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(8))
     output = tmp_path / "out"
     config = write_config(
@@ -30,7 +30,7 @@ def _job(tmp_path: Path, model_cache: Path, **resources: int) -> tuple[Path, Pat
         model={"preset": "tiny", "cache_dir": str(model_cache)},
         generation={"batch_size": 4, "width": 64, "height": 64},
         write={"rows_per_part": 4},
-        resources={"actors": 1, **resources},
+        resources={"actors": 1, "in_process": False, **resources},  # Ray's restarts and retries
     )
     return manifest, output, config
 

@@ -24,8 +24,11 @@ ROWS = 160
 ROWS_PER_PART = 8
 
 
-def _config(tmp_path: Path, model_cache: Path, manifest: str, output: str, *, size: int = 128) -> Path:
-    """128 px by default: slow enough that a test acts while the job runs (kills, denied writes)."""
+def _config(
+    tmp_path: Path, model_cache: Path, manifest: str, output: str, *, size: int = 128, in_process: bool | str = "auto"
+) -> Path:
+    """128 px by default: slow enough that a test acts while the job runs (kills, denied writes).
+    A job this small runs in the driver's process unless `in_process` is false."""
     return write_config(
         tmp_path / "job.yaml",
         manifest=manifest,
@@ -33,6 +36,7 @@ def _config(tmp_path: Path, model_cache: Path, manifest: str, output: str, *, si
         model={"preset": "tiny", "cache_dir": str(model_cache)},
         generation={"batch_size": 4, "width": size, "height": size},
         write={"rows_per_part": ROWS_PER_PART},
+        resources={"in_process": in_process},
     )
 
 
@@ -92,7 +96,7 @@ def test_driver_killed_then_rerun_resumes_exactly_once(tmp_path: Path, model_cac
 def test_killed_actor_is_restarted_and_the_job_finishes(tmp_path: Path, model_cache: Path) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", prompt_rows(ROWS))
     output = tmp_path / "out"
-    process = _start(_config(tmp_path, model_cache, str(manifest), str(output)))
+    process = _start(_config(tmp_path, model_cache, str(manifest), str(output), in_process=False))
     _wait_for(lambda: _parts(output / "metadata") >= 2, process)
     pids = _generator_processes(process.pid)
     assert pids, "no generator actor process found"

@@ -241,6 +241,7 @@ def s3_job(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, s3_serve
         generation={"batch_size": 4, "width": 64, "height": 64},
         write={"layout": "webdataset", "rows_per_part": 16},
         storage={"key": KEY, "secret": SECRET},
+        resources={"in_process": False},  # on Ray: its session logs are searched for the secrets too
     )
     env = {
         "AWS_ENDPOINT_URL": s3_server,
