@@ -2,13 +2,14 @@
 `sdxl-batch run`, in one run, start-up included on both sides.
 
     .venv/bin/python benchmarks/overhead.py [--rows 1500] [--batch-size 4] [--repeat 3]
+    .venv/bin/python benchmarks/overhead.py --rows 96     # a short job: start-up is most of it
 
 The bare loop is what a user would write by hand: read the manifest, load the pipeline, call it
 per batch with one seeded CPU generator per row, save each PIL image as PNG. Both sides are timed
 the same way, as a user sees them: from launching a fresh Python process to its exit (interpreter
 start and the torch/diffusers imports included on both). `sdxl-batch run` adds an embedded Ray,
 the actor pool, encode and write stages, metadata and stats. Prints a markdown table and writes it
-to benchmarks/results/overhead.md.
+to benchmarks/results/overhead.md, one section per number of rows (a run replaces its own size's).
 """
 
 from __future__ import annotations
@@ -77,6 +78,28 @@ def pipeline_run(config: Path) -> float:
     return time.perf_counter() - start
 
 
+def _ours_total(round_: tuple[float, float, float, dict[str, object]]) -> float:
+    return round_[2]
+
+
+def _breakdown(stats: dict[str, object]) -> str:
+    phases = stats.get("wall_breakdown_seconds") or {}
+    assert isinstance(phases, dict)
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+
+
+def _sections(text: str) -> dict[int, str]:
+    """The results file's sections, by number of rows (`## N images`); an older file with one
+    unheaded table is kept as the section of the rows it names."""
+    sections: dict[int, str] = {}
+    for chunk in text.split("\n## ")[1:] if "\n## " in text or text.startswith("## ") else []:
+        head = chunk.removeprefix("## ")
+        sections[int(head.split()[0])] = "## " + head.strip() + "\n"
+    if not sections and text.startswith("Overhead benchmark: "):
+        sections[int(text.split()[2])] = f"## {text.split()[2]} images\n\n" + text.strip() + "\n"
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1500)
@@ -125,6 +148,8 @@ def main() -> None:
     ratios = sorted(bare / ours for bare, _, ours, _ in rounds)
     median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1 :][:2]) / 2
     lines = [
+        f"## {args.rows} images",
+        "",
         f"Overhead benchmark: {args.rows} tiny-model images (128x128, 4 steps), batch size {args.batch_size}, "
         f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
         f"{args.repeat} round(s), bare and sdxl-batch alternated. Wall seconds run from process launch to exit.",
@@ -141,18 +166,27 @@ def main() -> None:
     for index, (bare, bare_loop_only, _ours, stats) in enumerate(rounds):
         lines.append(
             f"- Round {index + 1}: the bare process spent {bare - bare_loop_only:.1f} s starting and importing torch "
-            f"and diffusers, then {bare_loop_only:.1f} s from model load to the last file; sdxl-batch's generator "
-            f"actor: busy fraction {stats['busy_fraction']:.3f} (model calls / its working span), "
+            f"and diffusers, then {bare_loop_only:.1f} s from model load to the last file; sdxl-batch "
+            f"({'in its own process' if stats.get('runner') == 'in_process' else 'on an embedded Ray'}), "
+            "its generator: "
+            f"busy fraction {stats['busy_fraction']:.3f} (model calls / its working span), "
             f"{stats['seconds_per_image'] * 1000:.1f} ms per image in model calls, "
             f"{stats['generation_images_per_second']:.2f} images/s from its first call to its last, "
             f"{stats['wall_seconds'] - stats['generation_span_seconds']:.1f} s of the run before the first call "
-            "ended or after the last (Ray, model loading, planning, the last parts)."
+            "ended or after the last (start-up: planning, Ray where it ran, the model's load; the last parts); "
+            "the process ran "
+            f"{_ours_total(rounds[index]) - stats['wall_seconds']:.1f} s outside the job (interpreter, imports, exit). "
+            f"Wall time by phase: {_breakdown(stats)}."
         )
     lines += ["", f"sdxl-batch stage seconds of the last round (summed over workers): {rounds[-1][3]['stage_seconds']}"]
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "overhead.md").write_text(table + "\n")
+    path = RESULTS / "overhead.md"
+    sections = _sections(path.read_text() if path.exists() else "")
+    sections[args.rows] = table.strip() + "\n"
+    intro = "# Pipeline overhead: sdxl-batch run against a bare diffusers loop (benchmarks/overhead.py)\n"
+    path.write_text(intro + "".join(f"\n{sections[rows]}" for rows in sorted(sections)))
     shutil.rmtree(work)
 
 

@@ -99,8 +99,6 @@ def execute_in_process(
     encode, write = encode_stage(config), write_stage(config, passthrough)
     direct: Any = _Direct(board)  # called as the Ray actor would be
     generator = GenerateImages(**generator_kwargs(config), progress=direct)
-    if generator.load_error is not None:
-        raise generator.load_error
     part_rows, batch = config.write.rows_per_part, max(config.batch_sizes)
     waiting: list[pa.Table] = []  # encoded rows not yet in a part
 
@@ -128,6 +126,23 @@ def execute_in_process(
         if offset < buffered.num_rows:
             waiting.append(buffered.slice(offset))
 
+    try:
+        if generator.load_error is not None:
+            raise generator.load_error
+        _render(rows, read, generator, encode_and_commit, batch)
+    finally:
+        generator.close()
+
+
+def _render(
+    rows: RowPlan,
+    read: Callable[[pa.Table], pa.Table],
+    generator: Callable[[pa.Table], pa.Table],
+    encode_and_commit: Callable[[pa.Table | None], None],
+    batch: int,
+) -> None:
+    """Each read task's rows, one model call at a time; each call's images encoded and committed
+    on a thread while the next call renders."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-batch-commit") as committer:
         previous: Future[None] | None = None
         for task in rows.read_tasks():

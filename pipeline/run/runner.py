@@ -336,6 +336,7 @@ def _run_holding(
     breakdown = clock.breakdown(wall)
     extra = _job_settings(job, config, rejects=len(rejects)) | {
         "started_at": started_at, "finished_at": _now(), "wall_breakdown_seconds": breakdown,
+        "runner": "in_process" if local is not None else "ray",
         "rendering_images_per_second": round(stats.totals.rows / breakdown["rendering"], 4)
         if breakdown["rendering"] > 0 else 0.0,
     }  # fmt: skip

@@ -192,6 +192,22 @@ class GenerateImages:
             self.generator.configure, batch_size=batch_size, vae_batch_size=vae_batch_size, split_on_oom=split_on_oom
         ).result()
 
+    def close(self) -> None:
+        """Let the model go (a job run in the driver's process, which may load another next:
+        `compare`), and the torch thread with it."""
+        self._torch.shutdown(wait=True)
+        self.__dict__.pop("generator", None)
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception as error:  # freeing memory must not fail a finished job
+            logger.debug("cannot empty the CUDA cache: %s", error)
+
     def describe(self) -> dict[str, Any]:
         """Where the actor runs and what it loaded (`tune` records it per load)."""
         generator = self.generator
