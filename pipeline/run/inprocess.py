@@ -98,7 +98,7 @@ def execute_in_process(
     read = read_stage(config, passthrough, rows.masks)
     encode, write = encode_stage(config), write_stage(config, passthrough)
     direct: Any = _Direct(board)  # called as the Ray actor would be
-    generator = GenerateImages(**generator_kwargs(config), progress=direct)
+    generator = GenerateImages(**generator_kwargs(config), progress=direct, in_process=True)
     part_rows, batch = config.write.rows_per_part, max(config.batch_sizes)
     waiting: list[pa.Table] = []  # encoded rows not yet in a part
 

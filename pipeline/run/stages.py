@@ -109,14 +109,16 @@ class GenerateImages:
         job: str,
         fleet: dict[str, FleetTypeConfig] | None = None,
         progress: ActorHandle[Any] | None = None,
+        in_process: bool = False,
     ):
         """Ray constructs the actor from these (`fn_constructor_kwargs`). `job`: the Ray metrics'
         job tag (`stats.job_label`). `fleet`: a mixed fleet's settings per GPU type; the actor
         takes those of the type it was placed on (`run.fleet`: one pool, each actor asking for
         its type's resource), so Ray Data's blocks of the largest batch size are rendered in
         calls of this type's own. `progress`: the job's `ProgressBoard`, told of the load and of
-        each model call's rows (the driver's progress line)."""
-        self.node, self.actor, self.gpu, self.accelerator_type = _placement(on_gpu=on_gpu)
+        each model call's rows (the driver's progress line). `in_process`: in the driver's own
+        process, not a Ray actor (`run.inprocess`)."""
+        self.node, self.actor, self.gpu, self.accelerator_type = _placement(on_gpu=on_gpu, in_process=in_process)
         self.progress = progress
         if progress is not None:
             progress.loading.remote(self.actor)
@@ -316,16 +318,16 @@ def _set_torch_threads(requested: int | None, *, on_gpu: bool) -> None:
         torch.set_num_threads(threads)
 
 
-def _placement(*, on_gpu: bool) -> tuple[str, str, str, str]:
+def _placement(*, on_gpu: bool, in_process: bool = False) -> tuple[str, str, str, str]:
     """This actor's node id, actor id, GPU label (`gpu<ids>` as Ray assigned them; "" on CPU)
     and GPU type (`accelerator_type`)."""
-    import ray
-
-    if not ray.is_initialized():  # a job run in the driver's process (`run.inprocess`)
+    if in_process:  # a job run in the driver's process (`run.inprocess`), with or without Ray
         from pipeline.run.telemetry import local_gpus
 
         kind = (local_gpus()[1] or "GPU") if on_gpu else "CPU"
         return f"local:{socket.gethostname()}", f"process-{os.getpid()}", "gpu0" if on_gpu else "", kind
+    import ray
+
     context = ray.get_runtime_context()
     actor = context.get_actor_id() or context.get_worker_id()
     gpu_ids = ray.get_gpu_ids()

@@ -30,6 +30,7 @@ from pipeline.commands.tuning.space import CPU
 from pipeline.core.errors import ConfigError
 from pipeline.plan.job import JobPlan, plan_job
 from pipeline.plan.ledger import settings_fingerprint
+from pipeline.run.inprocess import in_process_config
 from pipeline.run.runner import planning_executor, resolve_job, run_job
 from pipeline.run.session import init_ray
 
@@ -166,9 +167,15 @@ def _calibrate(
     import pyarrow.parquet as pq
 
     pq.write_table(sample, folder / "sample.parquet")
+    # The sample runs where the whole job would (in this process or on Ray: `run.inprocess`), so
+    # that its start-up is the job's.
+    here = in_process_config(config, job.pending_rows, ray_address=ray_address, metrics_port=None, tuning=False)
     calibration = config.model_copy(
-        update={"manifest": str(folder / "sample.parquet"), "output": str(folder / "calibration"), "on_bad_row": "skip"}
-    )
+        update={
+            "manifest": str(folder / "sample.parquet"), "output": str(folder / "calibration"), "on_bad_row": "skip",
+            "resources": config.resources.model_copy(update={"in_process": here is not None}),
+        }
+    )  # fmt: skip
     result = run_job(calibration, ray_address=ray_address, progress=request.progress, overwrite=True)
     stats = result.job_stats
     rate = stats.steady_images_per_second() or stats.generation_images_per_second()
