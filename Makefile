@@ -27,13 +27,13 @@ COMPARE = HF_HUB_CACHE=$(TINY_HUB) HF_HUB_OFFLINE=1 $(BIN)/sdxl-batch compare \
 demo: venv
 	$(BIN)/sdxl-batch run configs/demo.yaml
 	@echo "Side-by-side comparison of three presets, from tiny stand-ins under their real hub names (offline; all of them: make compare):"
-	$(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
+	TRANSFORMERS_VERBOSITY=error $(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
 	$(COMPARE) --presets $(DEMO_PRESETS) --output outputs/demo-compare
 	@echo "The demo job's report (open it in a browser):"
 	$(BIN)/sdxl-batch report outputs/demo
 
 compare: venv
-	$(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
+	TRANSFORMERS_VERBOSITY=error $(BIN)/python -m pipeline.models.tiny $(TINY_HUB) >/dev/null
 	$(COMPARE) --presets $(COMPARE_PRESETS) --output outputs/compare
 
 # Headless Chromium for the report's browser test (tests/integration/test_report_browser.py), which

@@ -117,9 +117,10 @@ class LineState:
         was less than a minute ago (the start-up before it is not rendering time)."""
         if self.done == 0:
             return None
+        if self.first_start is not None and 0 < now - self.first_start <= WINDOW_S:
+            # At least one whole call lies between: its images over its time, then a steadier rate.
+            return self.done / (now - self.first_start)
         then, done_then = self.samples[0] if self.samples else (now, self.done)
-        if self.first_start is not None and now - self.first_start <= WINDOW_S:
-            then, done_then = self.first_start, 0
         if now - then < 0.5:
             return None
         return (self.done - done_then) / (now - then)
