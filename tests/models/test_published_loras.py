@@ -8,8 +8,8 @@ The weights cannot be downloaded here, so each file is rebuilt from what is publ
   and TCD's script inherits. The LCM-LoRA report (Luo et al., 2023, table 1) gives 197M LoRA
   parameters for SDXL and 67.5M for SD 1.5 at rank 64: these targets on the real architectures
   give 196.8M and 67.3M (checked below), so the layer set is theirs, 788 layers on SDXL. The
-  Lightning and Hyper-SD LoRA files (394 MB and 787 MB in float16) are the same set at ranks 64
-  and 128.
+  Lightning and Hyper-SD LoRA files' sizes as the Hub lists them (394 MB and 787 MB in float16;
+  recalled, not checked here: no Hub access) are the same set at ranks 64 and 128.
 - Which layout: kohya's `lora_unet_*.lora_down/lora_up/.alpha` in float16, spelled with
   diffusers' module names (as the Lightning, Hyper-SD and LCM-LoRA files are) or with the sgm
   UNet's (`input_blocks_4_1_...`, as kohya-ss's own SDXL trainer writes them), and diffusers'
@@ -137,7 +137,7 @@ def test_the_target_layers_are_those_of_the_published_lora_sizes() -> None:
     assert len(_targets(sdxl)) == SDXL_LAYERS
     # LCM-LoRA's report: 197M (SDXL) and 67.5M (SD 1.5) LoRA parameters at rank 64.
     assert round(_parameters(sdxl, 64) / 1e6) == 197 and round(_parameters(sd15, 64) / 1e6, 1) in (67.2, 67.3)
-    # SDXL-Lightning's LoRAs: 394 MB in float16 (rank 64); Hyper-SDXL's: 787 MB (rank 128).
+    # SDXL-Lightning's LoRAs: 394 MB in float16 (rank 64); Hyper-SDXL's: 787 MB (rank 128), as recalled.
     assert round(_parameters(sdxl, 64) * 2 / 1e6) == 394 and round(_parameters(sdxl, 128) * 2 / 1e6) == 787
 
 
